@@ -1,0 +1,157 @@
+"""Train the built-in model (flow matching in pixel space) and export it into the package.
+
+Deterministic for a seed, checkpoints every `--ckpt-every` steps and resumes from the last
+checkpoint, so it survives a session ending mid-run. CI never runs this.
+
+    python scripts/train_builtin.py --steps 5000            # ~70 min on 2 CPU cores
+    python scripts/train_builtin.py --steps 5000 --export   # re-export the last checkpoint only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from warpcache_cli.builtin import clips
+from warpcache_cli.builtin.pipeline import (
+    SCHEDULER_SHIFT,
+    WEIGHTS_DIR,
+    new_prompt_encoder,
+    new_transformer,
+    tokenize,
+)
+
+
+def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Training clips for one step; clip seeds stay below 10**8 (evaluation uses seeds above)."""
+    rng = np.random.default_rng([seed, step])
+    specs = [clips.random_spec(rng) for _ in range(size)]
+    videos = [clips.render(s, seed=step * size + i) for i, s in enumerate(specs)]
+    return torch.from_numpy(np.stack(videos)), [s.prompt for s in specs]
+
+
+def sample_t(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal times shifted towards high noise, where layout and motion are decided."""
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    return SCHEDULER_SHIFT * u / (1 + (SCHEDULER_SHIFT - 1) * u)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def export(transformer: torch.nn.Module, encoder: torch.nn.Module, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    encoder.save_pretrained(tmp / "prompt_encoder", safe_serialization=True)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/builtin.pt"))
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", action="store_true", help="only export the last checkpoint's EMA weights")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    transformer, encoder = new_transformer(), new_prompt_encoder()
+    params = list(transformer.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema_t, ema_e = copy.deepcopy(transformer), copy.deepcopy(encoder)
+    gen = torch.Generator().manual_seed(args.seed)
+    start = 0
+    if args.ckpt.exists():
+        state = torch.load(args.ckpt, weights_only=True)
+        transformer.load_state_dict(state["transformer"])
+        encoder.load_state_dict(state["encoder"])
+        ema_t.load_state_dict(state["ema_transformer"])
+        ema_e.load_state_dict(state["ema_encoder"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+        print(f"resumed at step {start}", flush=True)
+    if args.export:
+        export(ema_t, ema_e, args.out)
+        return
+
+    n_params = sum(p.numel() for p in params)
+    print(f"params {n_params / 1e6:.2f}M, steps {start}..{args.steps}", flush=True)
+    log = args.ckpt.with_suffix(".log")
+    args.ckpt.parent.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(start, args.steps):
+        x0, prompts = batch(step, args.batch, args.seed)
+        drop = torch.rand(len(prompts), generator=gen) < 0.1
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        t = sample_t(len(prompts), gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        tt = t.view(-1, 1, 1, 1, 1)
+        xt = (1 - tt) * x0 + tt * noise
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        pred = transformer(xt, t * 1000, encoder(tokenize(prompts)), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in ((transformer, ema_t), (encoder, ema_e)):
+                for p, q in zip(m.parameters(), e.parameters()):
+                    q.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        done = step + 1
+        if done % 50 == 0:
+            rate = (time.time() - t0) / len(losses)
+            line = {"step": done, "loss": float(np.mean(losses[-50:])), "s_per_step": round(rate, 3)}
+            print(json.dumps(line), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        if done % args.ckpt_every == 0 or done == args.steps:
+            state = {
+                "transformer": transformer.state_dict(),
+                "encoder": encoder.state_dict(),
+                "ema_transformer": ema_t.state_dict(),
+                "ema_encoder": ema_e.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "step": done,
+            }
+            tmp = args.ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, args.ckpt)
+            export(ema_t, ema_e, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from warpcache_cli.cli.app import main
+
+main()

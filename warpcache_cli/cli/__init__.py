@@ -1,0 +1,1 @@
+"""The `warpcache` command line: a thin typer layer over the library."""

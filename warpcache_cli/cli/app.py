@@ -1,0 +1,20 @@
+"""Top-level typer app; each command group lives in its own module and is mounted here."""
+
+from __future__ import annotations
+
+import typer
+
+from warpcache_cli.cli import config_cmd
+
+app = typer.Typer(
+    name="warpcache",
+    help="Profile, tune and apply feature caching for DiT video models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    app()
