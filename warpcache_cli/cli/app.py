@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from warpcache_cli.cli import config_cmd
+from warpcache_cli.cli import config_cmd, run_cmd
 
 app = typer.Typer(
     name="warpcache",
@@ -14,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.command(name="run")(run_cmd.run)
 
 
 def main() -> None:

@@ -1,0 +1,188 @@
+"""The live runtime on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHITECTURES, build, denoise
+from torch import nn
+
+import warpcache_cli as wc
+from warpcache_cli.errors import ModelError
+from warpcache_cli.runtime.adapters import find_blocks
+
+NEVER = wc.Config.default().with_policy(warm_up_steps=1000)
+AGGRESSIVE = wc.Config.default().with_policy(
+    base_threshold=2.0, warp_threshold=2.0, min_threshold=2.0, motion_scale=0.0, warm_up_steps=1,
+    max_consecutive_reuse=1000,
+)
+
+
+def count_block_runs(model: nn.Module) -> list[int]:
+    """Counts real block executions through a hook on each block's first child, which skips don't reach."""
+    counts = []
+    for block in find_blocks(model):
+        counts.append(0)
+        i = len(counts) - 1
+        child = next(block.children())
+        child.register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_never_reuse_is_bit_identical(arch):
+    model, inputs = build(arch)
+    plain = denoise(model, inputs, steps=4, branches=("cond", "uncond"))
+    session = wc.apply(model, NEVER)
+    cached = denoise(model, inputs, steps=4, branches=("cond", "uncond"))
+    wc.remove(model)
+    assert torch.equal(plain, cached)
+    assert session.stats.compute_fraction == 1.0
+    assert session.stats.total == 4 * 2 * len(find_blocks(model))
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_aggressive_config_really_skips_blocks(arch):
+    model, inputs = build(arch)
+    counts = count_block_runs(model)
+    plain = denoise(model, inputs, steps=5)
+    assert counts == [5] * len(counts)
+    counts[:] = [0] * len(counts)
+    session = wc.apply(model, AGGRESSIVE)
+    cached = denoise(model, inputs, steps=5)
+    # warm-up step 0 computes, then every block is served from cache
+    assert counts == [1] * len(counts)
+    assert session.stats.counts[wc.Action.REUSE] == 4 * len(counts)
+    assert cached.shape == plain.shape and torch.isfinite(cached).all()
+    assert not torch.equal(cached, plain)
+    wc.remove(model)
+    counts[:] = [0] * len(counts)
+    assert torch.equal(denoise(model, inputs, steps=5), plain), "remove() must restore the plain model"
+
+
+def test_cfg_branches_keep_separate_state():
+    model, inputs = build("wan")
+    cfg = wc.Config.default().with_policy(warm_up_steps=1, base_threshold=0.05, warp_threshold=0.0,
+                                          min_threshold=0.05)
+    # the update uses only the cond prediction, so the cond trajectory is the same with or without uncond calls
+    session = wc.apply(model, cfg)
+    denoise(model, inputs, steps=6, branches=("cond",), guidance=None)
+    alone = [(d.step, d.layer, d.action, d.drift) for d in session.stats.decisions]
+    wc.remove(model)
+    session = wc.apply(model, cfg)
+    denoise(model, inputs, steps=6, branches=("cond", "uncond"), guidance=None, uncond_text_scale=-3.0)
+    both = session.stats.decisions
+    assert [(d.step, d.layer, d.action, d.drift) for d in both if d.branch == "cond"] == alone
+    assert {d.branch for d in both} == {"cond", "uncond"}
+
+
+def test_branches_without_cache_context_are_told_apart_by_call_order():
+    model, inputs = build("cosmos")
+    session = wc.apply(model, AGGRESSIVE)
+    denoise(model, inputs, steps=3, branches=("cond", "uncond"))
+    assert {d.branch for d in session.stats.decisions} == {"call0", "call1"}
+
+
+def test_new_generation_resets_state():
+    model, inputs = build("wan")
+    session = wc.apply(model, AGGRESSIVE)
+    denoise(model, inputs, steps=3)
+    first = session.stats.decision_map().copy()
+    denoise(model, inputs, steps=3)
+    assert session.stats.generations == 2
+    assert (session.stats.decision_map() == first).all()
+    assert (first[:, 0] == int(wc.Action.RECOMPUTE)).all()
+
+
+def test_capacity_bounds_memory_and_recomputes_what_does_not_fit():
+    model, inputs = build("wan")
+    tiny_cap = wc.Config.from_dict({**AGGRESSIVE.to_dict(), "cache": {"capacity": "2KB"}})
+    session = wc.apply(model, tiny_cap)
+    out = denoise(model, inputs, steps=4)
+    assert torch.isfinite(out).all()
+    assert session.stats.peak_bytes <= 2000
+    assert session.stats.compute_fraction == 1.0  # nothing fits, so nothing is reused, and nothing fails
+    wc.remove(model)
+    session = wc.apply(model, AGGRESSIVE)
+    denoise(model, inputs, steps=4)
+    assert session.stats.peak_bytes > 2000
+
+
+def test_bfloat16_runs_and_reuses():
+    model, inputs = build("wan")
+    model = model.to(torch.bfloat16)
+
+    def bf16_inputs(x, t):
+        return {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in inputs(x, t).items()}
+
+    session = wc.apply(model, AGGRESSIVE)
+    out = denoise(model, bf16_inputs, steps=3)
+    assert torch.isfinite(out).all() and session.stats.counts[wc.Action.REUSE] > 0
+
+
+def test_metrics_are_exported(tmp_path):
+    model, inputs = build("wan")
+    prom = tmp_path / "m.prom"
+    cfg = wc.Config.from_dict({**AGGRESSIVE.to_dict(), "metrics": {"enabled": True, "path": str(prom)}})
+    session = wc.apply(model, cfg)
+    denoise(model, inputs, steps=4)
+    wc.remove(model)
+    text = prom.read_text()
+    recomputes = session.stats.counts[wc.Action.RECOMPUTE]
+    assert f"warpcache_recomputes_total {float(recomputes)}" in text
+    assert "warpcache_cache_hits_total" in text
+
+
+def test_unadaptable_model_names_what_it_looked_for():
+    with pytest.raises(ModelError, match="transformer_blocks"):
+        wc.apply(nn.Sequential(nn.Linear(2, 2)), NEVER)
+
+
+def test_apply_twice_is_refused():
+    model, _ = build("wan")
+    wc.apply(model, NEVER)
+    with pytest.raises(ModelError, match="already applied"):
+        wc.apply(model, NEVER)
+    wc.remove(model)
+
+
+def test_full_wan_pipeline_call_with_prompt_embeddings():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    model, _ = build("wan")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+
+    def call():
+        return pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_frames=9, height=32, width=32,
+                    num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    plain = call()
+    wc.apply(pipe, NEVER)
+    assert (call() == plain).all()
+    wc.remove(pipe)
+    session = wc.apply(pipe, AGGRESSIVE)
+    cached = call()
+    assert {d.branch for d in session.stats.decisions} == {"cond", "uncond"}
+    assert session.stats.counts[wc.Action.REUSE] == 4 * 2 * 3
+    assert cached.shape == plain.shape
+
+
+def test_warp_decisions_warp_the_cached_residual():
+    model, inputs = build("wan")
+    reuse_out = None
+    session = wc.apply(model, AGGRESSIVE)
+    reuse_out = denoise(model, inputs, steps=4)
+    wc.remove(model)
+    warp_all = AGGRESSIVE.with_policy(warp_threshold=0.0, motion_scale=3.0)
+    session = wc.apply(model, warp_all)
+    warp_out = denoise(model, inputs, steps=4)
+    assert session.stats.counts[wc.Action.WARP] == 3 * 3
+    assert torch.isfinite(warp_out).all() and not torch.equal(warp_out, reuse_out)

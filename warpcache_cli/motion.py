@@ -1,0 +1,346 @@
+"""Content motion and residual warping on the token grid of a video DiT.
+
+Tokens are laid out frame-major as ``grid = (frames, rows, cols)`` and flattened to ``(B, N, C)``
+with ``N = F * H * W``. Shifts are ``(dx, dy)`` in grid cells, ``dx`` along columns and ``dy`` along
+rows, with the convention ``curr(x) ~= prev(x - d)``: a positive ``dx`` means content moved right.
+
+Everything here is vectorised over tokens and computed in float32 whatever the input dtype, so
+bfloat16 activations on CUDA give the same decisions as float32 ones on CPU (up to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLEND_GAIN = 2.0
+"""``k`` in ``alpha = clip(k * motion, 0, 1)``.
+
+``motion`` is the mean inter-frame speed divided by the search radius (4 cells by default), so
+``k = 2`` trusts the warp fully from half the radius (2 cells per frame) upward and fades it out
+linearly towards static content, where the estimated shift is mostly noise and bilinear
+resampling would only blur the residual.
+"""
+
+POWER_ITERATIONS = 4
+"""Power-iteration steps for the channel reduction; started from the channel-mean direction, a
+few steps are enough to find a direction with most of the variance, which is all that matters."""
+
+WHITENING = 0.5
+"""Exponent of the cross-power normalisation (1 is classic phase correlation). On smooth 16..32-cell
+maps 0.5 halved the failures (error over half a cell) of full whitening on non-periodic crops."""
+
+WHITENING_FLOOR = 0.03
+"""Floor of the normalisation, relative to the strongest bin, so empty bins stay quiet."""
+
+SUBCELL_TOLERANCE = 1e-4
+"""Sub-cell offsets smaller than this (in cells) are treated as zero."""
+
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- phase correlation
+
+
+def _periodic_component(x: Tensor) -> Tensor:
+    """The periodic part of Moisan's periodic-plus-smooth decomposition of maps ``(..., H, W)``.
+
+    The DFT treats a map as periodic, so the jump between opposite borders, which does not move
+    with the content, would add a strong zero-shift peak to the correlation. Removing the smooth
+    component that carries that jump keeps every cell, where a window would fade out the border
+    cells that a small latent grid cannot spare (a Hann window measured far worse on 16..32 grids).
+    """
+    h, w = x.shape[-2:]
+    jump_rows = x[..., -1, :] - x[..., 0, :]
+    jump_cols = x[..., :, -1] - x[..., :, 0]
+    boundary = torch.zeros_like(x)
+    boundary[..., 0, :] += jump_rows
+    boundary[..., -1, :] -= jump_rows
+    boundary[..., :, 0] += jump_cols
+    boundary[..., :, -1] -= jump_cols
+    q = torch.arange(h, device=x.device, dtype=x.dtype)[:, None]
+    r = torch.arange(w, device=x.device, dtype=x.dtype)[None, :]
+    laplacian = 2 * torch.cos(2 * math.pi * q / h) + 2 * torch.cos(2 * math.pi * r / w) - 4
+    laplacian[0, 0] = 1.0  # the mean is left to the periodic part (and removed by the caller)
+    smooth = torch.fft.fft2(boundary) / laplacian
+    smooth[..., 0, 0] = 0
+    return x - torch.fft.ifft2(smooth).real
+
+
+def _peak_offset(left: Tensor, centre: Tensor, right: Tensor) -> Tensor:
+    """Sub-cell offset of a peak from its two neighbours by a parabolic fit, clamped to half a cell.
+
+    Offsets below ``SUBCELL_TOLERANCE`` are rounding noise of a symmetric peak and read as zero, so
+    static content gives an exactly zero shift (and ``warp_tokens`` an exact identity).
+    """
+    denom = left - 2.0 * centre + right
+    offset = (left - right) / (2.0 * denom).where(denom < 0, torch.ones_like(denom))
+    keep = (denom < 0) & (offset.abs() > SUBCELL_TOLERANCE)
+    return offset.where(keep, torch.zeros_like(offset)).clamp(-0.5, 0.5)
+
+
+def estimate_shift(prev: Tensor, curr: Tensor) -> Tensor:
+    """Global translation ``(dx, dy)`` with ``curr(x) ~= prev(x - d)``, by phase correlation.
+
+    ``prev`` and ``curr`` are single-channel maps ``(..., H, W)``; the result is ``(..., 2)`` float32.
+    Maps are reduced to their periodic component and mean-removed; the cross-power spectrum is
+    whitened by ``|X|^WHITENING`` rather than ``|X|``, because on smooth maps full whitening lifts
+    bins that hold only rounding and border noise to equal weight. The integer peak is refined by
+    a parabolic fit along each axis. Shifts are recovered modulo the grid, in
+    ``(-H/2, H/2] x (-W/2, W/2]``; maps without any structure give zero.
+    """
+    if prev.shape != curr.shape or prev.dim() < 2:
+        raise ValueError(f"estimate_shift needs two maps of the same shape (..., H, W), got {prev.shape}, {curr.shape}")
+    h, w = prev.shape[-2:]
+    a = _periodic_component(prev.float())
+    b = _periodic_component(curr.float())
+    a = a - a.mean(dim=(-2, -1), keepdim=True)
+    b = b - b.mean(dim=(-2, -1), keepdim=True)
+    cross = torch.fft.fft2(b) * torch.fft.fft2(a).conj()
+    mag = cross.abs()
+    peak = mag.amax(dim=(-2, -1), keepdim=True)
+    surface = torch.fft.ifft2(cross / (mag + WHITENING_FLOOR * peak + _EPS) ** WHITENING).real
+
+    flat = surface.flatten(-2)
+    idx = flat.argmax(dim=-1)
+    py, px = idx // w, idx % w
+    centre = flat.gather(-1, idx[..., None])[..., 0]
+
+    def at(y: Tensor, x: Tensor) -> Tensor:
+        return flat.gather(-1, ((y % h) * w + (x % w))[..., None])[..., 0]
+
+    ox = _peak_offset(at(py, px - 1), centre, at(py, px + 1)) if w > 2 else torch.zeros_like(centre)
+    oy = _peak_offset(at(py - 1, px), centre, at(py + 1, px)) if h > 2 else torch.zeros_like(centre)
+    dx = torch.where(px > w // 2, px - w, px).float() + ox
+    dy = torch.where(py > h // 2, py - h, py).float() + oy
+    # No structure in either map (e.g. constant frames): the surface is flat and its peak meaningless.
+    return torch.stack([dx, dy], dim=-1).masked_fill(peak[..., 0] <= _EPS, 0.0)
+
+
+# --------------------------------------------------------------------------- dense motion field
+
+
+@dataclass
+class MotionField:
+    """Dense per-cell 2-D motion on an ``(H, W)`` grid, ``dx`` and ``dy`` in cells."""
+
+    dx: Tensor
+    dy: Tensor
+
+    @classmethod
+    def from_tensors(
+        cls, prev: Tensor, curr: Tensor, grid_hw: tuple[int, int], block: int = 4, radius: int = 4
+    ) -> MotionField:
+        """Block matching: each ``block x block`` tile of ``curr`` takes the displacement within
+        ``radius`` cells that best explains it from ``prev`` (sum of squared differences over all
+        channels), refined to sub-cell precision by a parabolic fit of the cost.
+
+        ``prev`` and ``curr`` hold one frame, as ``(H, W)`` maps or ``(H * W, C)`` tokens (anything
+        that reshapes to ``(H, W, C)``). The loop runs over the ``(2r + 1)^2`` candidate
+        displacements, never over cells.
+        """
+        h, w = grid_hw
+        if prev.shape != curr.shape or prev.numel() % (h * w):
+            raise ValueError(f"from_tensors needs two frames of {h}x{w} cells, got {prev.shape}, {curr.shape}")
+        a = prev.float().reshape(h, w, -1).permute(2, 0, 1)
+        b = curr.float().reshape(h, w, -1).permute(2, 0, 1)
+        r = int(radius)
+        padded = F.pad(a[None], (r, r, r, r), mode="replicate")[0]
+        # Candidates sorted by length: argmin keeps the first minimum, so exact ties (flat tiles)
+        # resolve to the smallest motion.
+        span = range(-r, r + 1)
+        offsets = sorted(((dy, dx) for dy in span for dx in span), key=lambda d: d[0] ** 2 + d[1] ** 2)
+        costs = []
+        for dy, dx in offsets:
+            moved = padded[:, r - dy : r - dy + h, r - dx : r - dx + w]  # prev(x - d)
+            costs.append((b - moved).square().sum(dim=0))
+        tiles = F.avg_pool2d(torch.stack(costs)[None], block, ceil_mode=True)[0]  # (K, by, bx)
+        best = tiles.argmin(dim=0)
+        table = torch.tensor(offsets, dtype=torch.long, device=a.device)
+        by_, bx_ = table[best, 0], table[best, 1]
+
+        # Re-index the costs on a (2r+1, 2r+1) grid to read each tile's neighbours for refinement.
+        side = 2 * r + 1
+        cube = torch.empty_like(tiles).index_copy_(0, (table[:, 0] + r) * side + (table[:, 1] + r), tiles)
+        cube = cube.reshape(side, side, *tiles.shape[1:])
+
+        def cost(dy: Tensor, dx: Tensor) -> Tensor:
+            flat = ((dy.clamp(-r, r) + r) * side + (dx.clamp(-r, r) + r))[None]
+            return cube.flatten(0, 1).gather(0, flat)[0]
+
+        centre = cost(by_, bx_)
+        # The cost has a minimum, so the parabola of the negated cost has a maximum.
+        ox = _peak_offset(-cost(by_, bx_ - 1), -centre, -cost(by_, bx_ + 1)).where(bx_.abs() < r, 0.0)
+        oy = _peak_offset(-cost(by_ - 1, bx_), -centre, -cost(by_ + 1, bx_)).where(by_.abs() < r, 0.0)
+        tile_dx, tile_dy = bx_.float() + ox, by_.float() + oy
+        rows = torch.arange(h, device=a.device) // block
+        cols = torch.arange(w, device=a.device) // block
+        return cls(dx=tile_dx[rows][:, cols], dy=tile_dy[rows][:, cols])
+
+    def magnitude(self) -> Tensor:
+        """Per-cell motion length, ``(H, W)``."""
+        return torch.hypot(self.dx, self.dy)
+
+    def mean_magnitude(self) -> float:
+        return float(self.magnitude().mean())
+
+    def max_magnitude(self) -> float:
+        return float(self.magnitude().max())
+
+    def interpolate(self, fx: float | Tensor, fy: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Bilinear sample of ``(dx, dy)`` at fractional cell coordinates (``fx`` column, ``fy`` row),
+        clamped to the grid; tensors of coordinates give tensors of the same shape."""
+        h, w = self.dx.shape
+        x = torch.as_tensor(fx, dtype=torch.float32, device=self.dx.device).clamp(0, w - 1)
+        y = torch.as_tensor(fy, dtype=torch.float32, device=self.dx.device).clamp(0, h - 1)
+        x0 = x.floor().long().clamp(max=max(w - 2, 0))
+        y0 = y.floor().long().clamp(max=max(h - 2, 0))
+        x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+        tx, ty = x - x0, y - y0
+
+        def sample(field: Tensor) -> Tensor:
+            f = field.float()
+            top = f[y0, x0] * (1 - tx) + f[y0, x1] * tx
+            bottom = f[y1, x0] * (1 - tx) + f[y1, x1] * tx
+            return top * (1 - ty) + bottom * ty
+
+        return sample(self.dx), sample(self.dy)
+
+
+# --------------------------------------------------------------------------- channel reduction
+
+
+def _as_frames(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """``(B, N, C)`` tokens to ``(B, F, H, W, C)`` float32, checking the grid."""
+    f, h, w = grid
+    if tokens.dim() != 3 or tokens.shape[1] != f * h * w:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match grid {grid}")
+    return tokens.float().reshape(tokens.shape[0], f, h, w, tokens.shape[2])
+
+
+def _principal_direction(frames: Tensor) -> Tensor:
+    """First principal channel direction of centred ``(B, F, H, W, C)`` frames, ``(B, C)``.
+
+    Power iteration from the channel-mean direction (tilted so it is never orthogonal to
+    everything), so it costs a few passes over the tokens and no ``C x C`` matrix.
+    """
+    x = frames.flatten(1, 3)  # (B, M, C)
+    c = x.shape[-1]
+    v = torch.linspace(1.0, 1.5, c, device=x.device).expand(x.shape[0], c)
+    for _ in range(POWER_ITERATIONS):
+        v = torch.einsum("bmc,bm->bc", x, torch.einsum("bmc,bc->bm", x, v))
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return v
+
+
+def _reduce(frames: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Single-channel maps ``(B, F, H, W)`` from ``(B, F, H, W, C)`` frames, and the direction used.
+
+    Each frame's per-channel mean is removed first, so global brightness or offset changes do not
+    read as motion. The channels are then projected on their first principal component rather than
+    averaged: latent and hidden channels have arbitrary signs, so a plain mean can cancel the very
+    structure that moves. One direction is used for all frames so they stay comparable.
+    """
+    centred = frames - frames.mean(dim=(2, 3), keepdim=True)
+    if direction is None:
+        direction = _principal_direction(centred)
+    return torch.einsum("bfhwc,bc->bfhw", centred, direction), direction
+
+
+# --------------------------------------------------------------------------- public operations
+
+
+def frame_maps(tokens: Tensor, grid: tuple[int, int, int], direction: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Channel-reduced maps ``(B, F, H, W)`` of tokens ``(B, N, C)`` for the shift estimate, and the
+    ``(B, C)`` direction used; pass a cached input's direction when reducing the current input so
+    both maps are comparable (this is how ``warp_residual`` pairs them)."""
+    return _reduce(_as_frames(tokens, grid), direction)
+
+
+def content_motion(video: Tensor, grid: tuple[int, int, int] | None = None, radius: float = 4.0) -> float:
+    """Content motion ``m`` in ``[0, 1]``: the mean inter-frame shift between neighbouring frames,
+    divided by ``radius`` (cells) and clipped; 0.0 for a single frame.
+
+    ``video`` is a latent or pixel tensor ``(B, C, F, H, W)``, or tokens ``(B, N, C)`` with ``grid``.
+    """
+    if radius <= 0:
+        raise ValueError(f"content_motion radius must be positive, got {radius}")
+    if grid is not None:
+        frames = _as_frames(video, grid)
+    elif video.dim() == 5:
+        frames = video.float().permute(0, 2, 3, 4, 1)
+    else:
+        raise ValueError(f"content_motion needs (B, C, F, H, W) or (B, N, C) with grid, got {tuple(video.shape)}")
+    if frames.shape[1] < 2:
+        return 0.0
+    maps, _ = _reduce(frames)
+    shifts = estimate_shift(maps[:, :-1], maps[:, 1:])
+    speed = float(shifts.norm(dim=-1).mean())
+    return min(max(speed / radius, 0.0), 1.0)
+
+
+def warp_tokens(residual: Tensor, shift: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """Inverse-warp tokens ``(B, N, C)`` by a per-batch shift ``(B, 2)`` in cells: ``out(x) = r(x - d)``
+    on every frame, bilinear with border padding. Batch elements with a zero shift are returned
+    bit-for-bit, and a zero shift overall returns ``residual`` itself without any work.
+    """
+    shift = torch.as_tensor(shift, device=residual.device).float().reshape(-1, 2)
+    if not bool(shift.any()):
+        return residual
+    b, n, c = residual.shape
+    f, h, w = grid
+    frames = _as_frames(residual, grid).permute(0, 1, 4, 2, 3).reshape(b * f, c, h, w)
+    ys = torch.arange(h, device=residual.device, dtype=torch.float32)
+    xs = torch.arange(w, device=residual.device, dtype=torch.float32)
+    src_x = xs[None, None, :] - shift[:, 0, None, None]  # (B, 1, W)
+    src_y = ys[None, :, None] - shift[:, 1, None, None]  # (B, H, 1)
+    # align_corners=True maps -1 and 1 to the first and last cell centres; a 1-cell axis has one value.
+    norm_x = src_x * (2.0 / (w - 1)) - 1.0 if w > 1 else torch.zeros_like(src_x)
+    norm_y = src_y * (2.0 / (h - 1)) - 1.0 if h > 1 else torch.zeros_like(src_y)
+    sample_grid = torch.stack(torch.broadcast_tensors(norm_x, norm_y), dim=-1)  # (B, H, W, 2)
+    sample_grid = sample_grid.repeat_interleave(f, dim=0)
+    warped = F.grid_sample(frames, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped = warped.reshape(b, f, c, h, w).permute(0, 1, 3, 4, 2).reshape(b, n, c).to(residual.dtype)
+    still = ~shift.any(dim=-1)
+    return torch.where(still[:, None, None], residual, warped)
+
+
+def simple_blend(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``(1 - alpha) * a + alpha * b`` in float32, in ``a``'s dtype; ``alpha`` 0 or 1 returns the operand."""
+    if alpha <= 0.0:
+        return a
+    if alpha >= 1.0:
+        return b.to(a.dtype)
+    return torch.lerp(a.float(), b.float(), alpha).to(a.dtype)
+
+
+def _alpha(motion: float, gain: float = BLEND_GAIN) -> float:
+    """The blend weight of the warped residual; 0 leaves the cached residual untouched."""
+    return min(max(gain * float(motion), 0.0), 1.0)
+
+
+def blend(cached: Tensor, warped: Tensor, motion: float, gain: float = BLEND_GAIN) -> tuple[Tensor, float]:
+    """Motion-adaptive blend: ``alpha = clip(gain * motion, 0, 1)``, returns
+    ``(alpha * warped + (1 - alpha) * cached, alpha)``; see ``BLEND_GAIN`` for the choice of gain."""
+    alpha = _alpha(motion, gain)
+    return simple_blend(cached, warped, alpha), alpha
+
+
+def warp_residual(
+    residual: Tensor, x_cached: Tensor, x_now: Tensor, grid: tuple[int, int, int], motion: float
+) -> tuple[Tensor, float]:
+    """The policy's warp step: the shift from ``x_cached`` to ``x_now`` (channel-reduced on the cached
+    input's principal direction, estimated per frame, averaged over frames), the residual warped by
+    it and blended with the unwarped one by ``motion``. Returns ``(residual', alpha)`` in the
+    residual's dtype and device. Static content (``alpha == 0``) skips the estimate altogether.
+    """
+    if _alpha(motion) == 0.0:
+        return residual, 0.0
+    cached_maps, direction = frame_maps(x_cached, grid)
+    now_maps, _ = frame_maps(x_now, grid, direction)
+    shift = estimate_shift(cached_maps, now_maps).mean(dim=1)  # (B, 2)
+    return blend(residual, warp_tokens(residual, shift, grid), motion)

@@ -1,0 +1,106 @@
+"""The caching decision: drift, motion-adaptive ceilings, phase schedule, reuse / warp / recompute.
+
+This module knows nothing about models, hooks or files. The live runtime and the offline
+replay both call `decide` with the same numbers, so what is tuned offline is what runs online.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from warpcache_cli.config import PolicyConfig
+
+
+class Action(IntEnum):
+    RECOMPUTE = 0
+    REUSE = 1
+    WARP = 2
+
+
+ArrayLike = float | np.ndarray
+
+
+def phase_multiplier(
+    position: ArrayLike, breakpoints: tuple[float, float], multipliers: tuple[float, float]
+) -> ArrayLike:
+    """Three phases: `early` before the first breakpoint, a linear ramp, `late` after the second."""
+    return np.interp(position, breakpoints, multipliers)
+
+
+def layer_multiplier(cfg: PolicyConfig, layer: int | np.ndarray) -> ArrayLike:
+    if np.ndim(layer) == 0:
+        return cfg.layer_multipliers.get(int(layer), 1.0)
+    flat = [cfg.layer_multipliers.get(int(i), 1.0) for i in np.ravel(layer)]
+    return np.asarray(flat, dtype=np.float64).reshape(np.shape(layer))
+
+
+def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: int | np.ndarray
+             ) -> tuple[ArrayLike, ArrayLike]:
+    """Recompute ceiling T and warp ceiling W (W <= T) for blocks at steps; arrays broadcast.
+
+    Both fall as content motion grows; the floor keeps T from collapsing to zero on fast
+    content; the layer multiplier scales both for blocks the sensitivity profile singled out.
+    """
+    decay = np.exp(-cfg.motion_scale * np.asarray(motion, dtype=np.float64))
+    scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * layer_multiplier(cfg, layer)
+    t = np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale
+    w = np.where(np.isin(layer, cfg.no_warp_layers), t, np.minimum(cfg.warp_threshold * decay * scale, t))
+    return t, w
+
+
+def choose(cfg: PolicyConfig, step: ArrayLike, layer: int | np.ndarray, drift: ArrayLike, t: ArrayLike,
+           w: ArrayLike, reuse_run: ArrayLike, has_cache: ArrayLike) -> np.ndarray:
+    """Reuse when the input barely moved, warp when it moved a little, recompute otherwise.
+
+    `reuse_run` is how many steps in a row the block has already been served from cache;
+    `max_consecutive_reuse` bounds error accumulation whatever the drift says. Works on
+    scalars (the live hooks) and on arrays of blocks (the offline replay) alike.
+    """
+    forced = (
+        np.logical_not(has_cache)
+        | (np.asarray(step) < cfg.warm_up_steps)
+        | (np.asarray(reuse_run) >= cfg.max_consecutive_reuse)
+        | (layer_multiplier(cfg, layer) == 0.0)
+    )
+    return np.where(forced | (drift > t), Action.RECOMPUTE, np.where(drift <= w, Action.REUSE, Action.WARP))
+
+
+def decide(
+    cfg: PolicyConfig,
+    *,
+    step: int,
+    layer: int,
+    drift: float,
+    motion: float,
+    position: float,
+    reuse_run: int,
+    has_cache: bool,
+) -> Action:
+    """One block at one step: the live runtime's entry point to `ceilings` and `choose`."""
+    t, w = ceilings(cfg, motion, position, layer)
+    return Action(int(choose(cfg, step, layer, drift, t, w, reuse_run, has_cache)))
+
+
+def token_subset(n_tokens: int, k: int, seed: int) -> torch.Tensor:
+    """The fixed, seeded token indices drift is measured on (same online and in traces)."""
+    if k >= n_tokens:
+        return torch.arange(n_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_tokens, generator=gen)[:k].sort().values
+
+
+def drift(x: torch.Tensor, x_cached: torch.Tensor, metric: str = "cosine", power: float = 1.0) -> torch.Tensor:
+    """Per-sample drift of `x` against the cached input, both (B, K, C) token sketches.
+
+    cosine: saliency-weighted `sum_i w_i (1 - cos(x_i, c_i)) / sum_i w_i`, `w_i = ||c_i||^power`,
+    so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`.
+    """
+    x, c = x.float(), x_cached.float()
+    if metric == "l2":
+        return (x - c).flatten(1).norm(dim=1) / c.flatten(1).norm(dim=1).clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12)
+    w = c.norm(dim=-1).clamp_min(1e-12).pow(power)
+    return ((1.0 - cos) * w).sum(dim=1) / w.sum(dim=1)

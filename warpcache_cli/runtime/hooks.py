@@ -1,0 +1,177 @@
+"""diffusers `ModelHook`s that run the policy inside a live transformer.
+
+`StepHook` sits on the transformer: it reads the timestep, CFG branch (the pipeline's
+`cache_context`), token grid and content motion once per call. `BlockHook` sits on each
+block: it measures drift on the token sketch, asks the policy, and either runs the block
+(storing its residual) or really skips it, returning `x + residual` (warped if asked).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+from torch import nn
+
+from warpcache_cli import motion
+from warpcache_cli.policy import Action, decide, drift
+from warpcache_cli.runtime.adapters import Adapter, BlockIO, Grid
+from warpcache_cli.runtime.session import BlockState, CacheSession, Decision
+from warpcache_cli.runtime.steps import timestep_value
+from warpcache_cli.store import FeatureKey
+
+
+@functools.lru_cache(maxsize=64)
+def _param_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs"))
+
+
+def _named(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    named = dict(zip(_param_names(fn), args))
+    named.update(kwargs)
+    return named
+
+
+class _ContextSlot(BaseState):
+    """Empty state: the StateManager exists only so `cache_context(name)` reaches this hook."""
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class StepHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, session: CacheSession, adapter: Adapter, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.session, self.adapter, self.forward = session, adapter, forward
+        self.context = StateManager(_ContextSlot)
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        named = _named(self.forward, args, kwargs)
+        video = self.adapter.video(named)
+        grid = self.adapter.grid(module, video)
+        context = self.context._context  # set by diffusers' cache_context; None when the pipeline gives none
+        self.session.begin_call(
+            timestep_value(named.get("timestep", 0.0)),
+            context,
+            lambda: motion.content_motion(video) if video is not None else 0.0,
+            grid,
+        )
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        step = self.session.step
+        n = getattr(self.context._context, "num_inference_steps", None)
+        if step is not None and n and step.step == n - 1:
+            self.session.flush_metrics()
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.session.tracker.reset()
+        return module
+
+
+def frame_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Channel-mean of the tokens on the grid, (B, F, H, W): enough to estimate a global shift."""
+    return x.float().mean(dim=-1).reshape(x.shape[0], *grid)
+
+
+class BlockHook(ModelHook):
+    def __init__(self, session: CacheSession, layer: int, io: BlockIO, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.session, self.layer, self.io, self.forward = session, layer, io, forward
+        self._out_len = 0
+
+    def _streams(self, named: dict[str, Any]) -> list[torch.Tensor]:
+        """The inputs whose residuals are cached: hidden states, and encoder states for dual-stream blocks."""
+        streams = [named[self.io.hidden_arg]]
+        if self.io.encoder_out is not None:
+            streams.append(named[self.io.encoder_arg])
+        return streams
+
+    def _outputs(self, out: Any) -> list[torch.Tensor]:
+        if self.io.hidden_out is None or isinstance(out, torch.Tensor):
+            return [out]
+        self._out_len = len(out)
+        picked = [out[self.io.hidden_out]]
+        if self.io.encoder_out is not None:
+            picked.append(out[self.io.encoder_out])
+        return picked
+
+    def _pack(self, values: list[torch.Tensor]) -> Any:
+        if self.io.hidden_out is None or self._out_len == 0:
+            return values[0]
+        out: list[Any] = [None] * self._out_len
+        out[self.io.hidden_out] = values[0]
+        if self.io.encoder_out is not None:
+            out[self.io.encoder_out] = values[1]
+        return tuple(out)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        s = self.session
+        if s.step is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        cfg = s.config.policy
+        named = _named(self.forward, args, kwargs)
+        inputs = self._streams(named)
+        x = inputs[0]
+        state = s.block_state(self.layer)
+        sketch = x[:, s.subset(x.shape[1], x.device)]
+        usable = state.sketch is not None and state.sketch.shape == sketch.shape
+        d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
+        action = decide(
+            cfg, step=s.step.step, layer=self.layer, drift=d, motion=s.motion,
+            position=s.step.position, reuse_run=state.reuse_run, has_cache=usable,
+        )
+        keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
+        cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
+        if any(c is None for c in cached):
+            action = Action.RECOMPUTE
+        start = time.perf_counter()
+        if action == Action.RECOMPUTE:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            residuals = [o - i for o, i in zip(self._outputs(out), inputs)]
+            self._remember(state, keys, residuals, sketch, x)
+        else:
+            residuals = [c.tensor for c in cached]
+            if action == Action.WARP and s.grid is not None and state.frame_map is not None:
+                residuals[0] = self._warp(residuals[0], state.frame_map, frame_map(x, s.grid), s.grid)
+            out = self._pack([i + r for i, r in zip(inputs, residuals)])
+            state.reuse_run += 1
+        decision = Decision(s.step.generation, s.branch, s.step.step, self.layer, action, d)
+        s.record(decision)
+        if s.observer is not None:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            s.observer.on_block(s, self.layer, x, residuals[0], time.perf_counter() - start, decision)
+        return out
+
+    def _remember(self, state: BlockState, old_keys: list[FeatureKey], residuals: list[torch.Tensor],
+                  sketch: torch.Tensor, x: torch.Tensor) -> None:
+        """Store the new residuals in place of the old; a residual that does not fit means no reuse next time."""
+        s = self.session
+        step = s.step.step
+        fits = True
+        for k, (old, r) in enumerate(zip(old_keys, residuals)):
+            s.store.delete(old)
+            fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
+        grid = s.grid
+        warpable = grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
+        state.sketch = sketch.detach() if fits else None
+        state.frame_map = frame_map(x, grid) if warpable and fits else None
+        state.computed_step = step
+        state.reuse_run = 0
+
+    def _warp(self, residual: torch.Tensor, map_cached: torch.Tensor, map_now: torch.Tensor, grid: Grid
+              ) -> torch.Tensor:
+        shift = motion.estimate_shift(map_cached, map_now).mean(dim=1)  # (B, 2): one shift per sample
+        warped = motion.warp_tokens(residual, shift, grid)
+        blended, _ = motion.blend(residual, warped, self.session.motion)
+        return blended

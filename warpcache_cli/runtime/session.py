@@ -1,0 +1,161 @@
+"""Per-model runtime state: config, feature store, step tracking, per-branch block state, stats.
+
+The hooks stay thin: they ask the session for the current step and branch, call the policy,
+and report back. One session per hooked transformer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from warpcache_cli.config import Config
+from warpcache_cli.metrics import Metrics
+from warpcache_cli.policy import Action, token_subset
+from warpcache_cli.runtime.adapters import Grid
+from warpcache_cli.runtime.steps import StepInfo, StepTracker
+from warpcache_cli.store import FeatureStore
+
+
+@dataclass
+class BlockState:
+    """What one block remembers for one CFG branch between steps."""
+
+    sketch: torch.Tensor | None = None  # input token sketch at the last recompute
+    frame_map: torch.Tensor | None = None  # channel-reduced input on the grid, for the warp's shift estimate
+    computed_step: int = -1
+    reuse_run: int = 0
+
+
+@dataclass
+class Decision:
+    generation: int
+    branch: str
+    step: int
+    layer: int
+    action: Action
+    drift: float
+
+
+class BlockObserver(Protocol):
+    """Receives every block call; the profiler records traces through this."""
+
+    def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
+                 seconds: float, decision: Decision) -> None: ...
+
+
+@dataclass
+class RuntimeStats:
+    counts: Counter = field(default_factory=Counter)
+    decisions: list[Decision] = field(default_factory=list)  # the current generation's, all branches
+    peak_bytes: int = 0
+    bytes_held: int = 0
+    generations: int = 0
+
+    def add(self, d: Decision) -> None:
+        self.counts[d.action] += 1
+        self.decisions.append(d)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def compute_fraction(self) -> float:
+        """Share of block calls that really ran; 1.0 means nothing was skipped."""
+        return self.counts[Action.RECOMPUTE] / self.total if self.total else 1.0
+
+    def decision_map(self, branch: str | None = None) -> np.ndarray:
+        """(layers, steps) array of Action values for the last generation; -1 where no call was seen."""
+        ds = [d for d in self.decisions if branch is None or d.branch == branch]
+        if not ds:
+            return np.zeros((0, 0), dtype=np.int8)
+        out = np.full((max(d.layer for d in ds) + 1, max(d.step for d in ds) + 1), -1, dtype=np.int8)
+        for d in ds:
+            out[d.layer, d.step] = max(out[d.layer, d.step], int(d.action))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block_calls": self.total,
+            "recompute": self.counts[Action.RECOMPUTE],
+            "reuse": self.counts[Action.REUSE],
+            "warp": self.counts[Action.WARP],
+            "compute_fraction": self.compute_fraction,
+            "hit_rate": 1.0 - self.compute_fraction if self.total else 0.0,
+            "bytes_held": self.bytes_held,
+            "peak_bytes": self.peak_bytes,
+            "generations": self.generations,
+        }
+
+
+class CacheSession:
+    def __init__(self, config: Config, num_blocks: int, observer: BlockObserver | None = None) -> None:
+        self.config = config
+        self.num_blocks = num_blocks
+        self.observer = observer
+        self.store = FeatureStore(
+            capacity_entries=config.cache.capacity_entries(),
+            capacity_bytes=config.cache.capacity_bytes(),
+            ttl=config.cache.ttl,
+        )
+        self.metrics = Metrics() if config.metrics.enabled else None
+        self.tracker = StepTracker()
+        self.stats = RuntimeStats()
+        self.step: StepInfo | None = None
+        self.motion = 0.0
+        self.grid: Grid | None = None
+        self.branch = "call0"
+        self._blocks: dict[tuple[str, int], BlockState] = {}
+        self._subsets: dict[int, torch.Tensor] = {}
+        self._requests: set[str] = set()
+
+    def begin_call(self, timestep: float, context: Any | None, motion_fn: Any, grid: Grid | None) -> None:
+        """Called once per transformer call, before any block runs."""
+        info = self.tracker.update(timestep, context)
+        self.branch = getattr(context, "name", None) or f"call{info.call}"
+        if info.new_generation:
+            self._new_generation()
+        if info.new_step:
+            self.motion = float(motion_fn())
+        self.step, self.grid = info, grid
+
+    def _new_generation(self) -> None:
+        for req in self._requests:
+            self.store.invalidate(req)
+        self._requests.clear()
+        self._blocks.clear()
+        self.stats.decisions.clear()
+        self.stats.generations += 1
+        self.flush_metrics()
+
+    def block_state(self, layer: int) -> BlockState:
+        return self._blocks.setdefault((self.branch, layer), BlockState())
+
+    def request_id(self, stream: int) -> str:
+        req = f"{self.tracker.generation}/{self.branch}/{stream}"
+        self._requests.add(req)
+        return req
+
+    def subset(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        idx = self._subsets.get(n_tokens)
+        if idx is None or idx.device != device:
+            p = self.config.policy
+            idx = self._subsets[n_tokens] = token_subset(n_tokens, p.token_subset, p.token_seed).to(device)
+        return idx
+
+    def record(self, decision: Decision) -> None:
+        self.stats.add(decision)
+        self.stats.bytes_held = self.store.nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes_held)
+        if self.metrics is not None:
+            self.metrics.observe_decision(decision.action.name.lower(), decision.drift)
+            self.metrics.set_cache_bytes(self.stats.bytes_held)
+
+    def flush_metrics(self) -> None:
+        if self.metrics is not None and self.config.metrics.path:
+            self.metrics.write(self.config.metrics.path)
