@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from warpcache_cli import motion
@@ -12,7 +12,19 @@ from warpcache_cli import motion
 FAST = settings(max_examples=25, deadline=None)
 
 
-def blobs(n: int, centres: list[tuple[float, float, float]], sigma: float, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
+Centres = list[tuple[float, float, float]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (50x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def blobs(n: int, centres: Centres, sigma: float, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
     """A sum of Gaussians on an n x n grid, analytically moved by (dx, dy) cells: exact fractional shifts."""
     ys = torch.arange(n, dtype=torch.float32)[:, None, None]
     xs = torch.arange(n, dtype=torch.float32)[None, :, None]
@@ -21,7 +33,7 @@ def blobs(n: int, centres: list[tuple[float, float, float]], sigma: float, dx: f
 
 
 @st.composite
-def scenes(draw: st.DrawFn) -> tuple[int, list[tuple[float, float, float]], float]:
+def scenes(draw: st.DrawFn) -> tuple[int, Centres, float]:
     """Grid size, blob centres and width, with the blobs far enough from the border to move 3 cells."""
     n = draw(st.integers(16, 32))
     sigma = draw(st.floats(1.5, 2.5))
@@ -91,6 +103,7 @@ def test_integer_warp_moves_content_exactly():
 @FAST
 @given(scenes(), st.floats(-2.5, 2.5), st.floats(-2.5, 2.5))
 def test_warp_by_estimated_shift_moves_towards_the_shifted_pattern(scene, dx, dy):
+    assume(abs(dx) + abs(dy) >= 0.25)  # below that the patterns are too close to halve their distance
     n, centres, sigma = scene
     grid = (2, n, n)
     before = tokens_of(torch.stack([blobs(n, centres, sigma), blobs(n, centres, sigma, 0.5, 0.0)]), MIX)
@@ -102,7 +115,7 @@ def test_warp_by_estimated_shift_moves_towards_the_shifted_pattern(scene, dx, dy
     assert (warped - after).norm() <= (before - after).norm() * 0.5 + 1e-4
 
 
-def video(n: int, centres: list[tuple[float, float, float]], sigma: float, speed: float, frames: int = 4) -> torch.Tensor:
+def video(n: int, centres: Centres, sigma: float, speed: float, frames: int = 4) -> torch.Tensor:
     """(1, C, F, H, W) latents of a pattern moving diagonally by `speed` cells per frame."""
     maps = torch.stack([blobs(n, centres, sigma, speed * f, 0.5 * speed * f) for f in range(frames)])
     return (maps[None, None] * MIX[None, :, None, None, None]).float()

@@ -39,12 +39,16 @@ class Metrics:
         self.hit_rate = Gauge("warpcache_hit_rate", "Cache hits over block evaluations so far.", registry=r)
         self.latency = Histogram("warpcache_request_latency_seconds", "Request latency.", registry=r)
         self.drift = Histogram(
-            "warpcache_drift_observed", "Input drift of a block against its cached input.",
-            buckets=DRIFT_BUCKETS, registry=r,
+            "warpcache_drift_observed",
+            "Input drift of a block against its cached input.",
+            buckets=DRIFT_BUCKETS,
+            registry=r,
         )
         self.phase = Gauge(
-            "warpcache_autoprofile_phase", "1 for the current auto-profiling phase of an input shape, else 0.",
-            ["shape", "phase"], registry=r,
+            "warpcache_autoprofile_phase",
+            "1 for the current auto-profiling phase of an input shape, else 0.",
+            ["shape", "phase"],
+            registry=r,
         )
         self._lock = threading.Lock()
         self._hit_count = 0

@@ -135,9 +135,11 @@ class MotionField:
     def from_tensors(
         cls, prev: Tensor, curr: Tensor, grid_hw: tuple[int, int], block: int = 4, radius: int = 4
     ) -> MotionField:
-        """Block matching: each ``block x block`` tile of ``curr`` takes the displacement within
-        ``radius`` cells that best explains it from ``prev`` (sum of squared differences over all
-        channels), refined to sub-cell precision by a parabolic fit of the cost.
+        """Block matching: each ``block x block`` tile of ``curr`` takes the whole-cell displacement
+        within ``radius`` cells that best explains it from ``prev`` (sum of squared differences over
+        all channels). No sub-cell refinement: the cost of a tile is not symmetric about its
+        minimum (the tile sees different cells at +d and -d), so a parabolic fit is biased by up to
+        half a cell even for static content; ``estimate_shift`` gives the sub-cell global shift.
 
         ``prev`` and ``curr`` hold one frame, as ``(H, W)`` maps or ``(H * W, C)`` tokens (anything
         that reshapes to ``(H, W, C)``). The loop runs over the ``(2r + 1)^2`` candidate
@@ -159,24 +161,8 @@ class MotionField:
             moved = padded[:, r - dy : r - dy + h, r - dx : r - dx + w]  # prev(x - d)
             costs.append((b - moved).square().sum(dim=0))
         tiles = F.avg_pool2d(torch.stack(costs)[None], block, ceil_mode=True)[0]  # (K, by, bx)
-        best = tiles.argmin(dim=0)
-        table = torch.tensor(offsets, dtype=torch.long, device=a.device)
-        by_, bx_ = table[best, 0], table[best, 1]
-
-        # Re-index the costs on a (2r+1, 2r+1) grid to read each tile's neighbours for refinement.
-        side = 2 * r + 1
-        cube = torch.empty_like(tiles).index_copy_(0, (table[:, 0] + r) * side + (table[:, 1] + r), tiles)
-        cube = cube.reshape(side, side, *tiles.shape[1:])
-
-        def cost(dy: Tensor, dx: Tensor) -> Tensor:
-            flat = ((dy.clamp(-r, r) + r) * side + (dx.clamp(-r, r) + r))[None]
-            return cube.flatten(0, 1).gather(0, flat)[0]
-
-        centre = cost(by_, bx_)
-        # The cost has a minimum, so the parabola of the negated cost has a maximum.
-        ox = _peak_offset(-cost(by_, bx_ - 1), -centre, -cost(by_, bx_ + 1)).where(bx_.abs() < r, 0.0)
-        oy = _peak_offset(-cost(by_ - 1, bx_), -centre, -cost(by_ + 1, bx_)).where(by_.abs() < r, 0.0)
-        tile_dx, tile_dy = bx_.float() + ox, by_.float() + oy
+        best = torch.tensor(offsets, dtype=torch.float32, device=a.device)[tiles.argmin(dim=0)]  # (by, bx, 2)
+        tile_dy, tile_dx = best[..., 0], best[..., 1]
         rows = torch.arange(h, device=a.device) // block
         cols = torch.arange(w, device=a.device) // block
         return cls(dx=tile_dx[rows][:, cols], dy=tile_dy[rows][:, cols])
@@ -342,5 +328,15 @@ def warp_residual(
         return residual, 0.0
     cached_maps, direction = frame_maps(x_cached, grid)
     now_maps, _ = frame_maps(x_now, grid, direction)
+    return warp_with_maps(residual, cached_maps, now_maps, grid, motion)
+
+
+def warp_with_maps(
+    residual: Tensor, cached_maps: Tensor, now_maps: Tensor, grid: tuple[int, int, int], motion: float
+) -> tuple[Tensor, float]:
+    """`warp_residual` from already reduced maps, so the runtime keeps a (B, F, H, W) map per block
+    instead of the full cached input."""
+    if _alpha(motion) == 0.0:
+        return residual, 0.0
     shift = estimate_shift(cached_maps, now_maps).mean(dim=1)  # (B, 2)
     return blend(residual, warp_tokens(residual, shift, grid), motion)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -138,13 +139,21 @@ def new_prompt_encoder() -> PromptEncoder:
     return PromptEncoder(vocab_size=len(clips.vocabulary()), dim=TRANSFORMER_CONFIG["text_dim"])
 
 
+def _load(cls: type[ModelMixin], folder: Path) -> ModelMixin:
+    """config.json + safetensors, strictly; plain torch loading needs neither accelerate nor a hub."""
+    model = cls.from_config(cls.load_config(folder))
+    safetensors.torch.load_model(model, folder / "diffusion_pytorch_model.safetensors", strict=True)
+    return model
+
+
 def load_builtin(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR
 ) -> BuiltinPipeline:
     """Load the shipped weights from the package; never touches the network."""
     if not (weights_dir / "transformer").is_dir():
         raise FileNotFoundError(f"built-in weights missing under {weights_dir}")
-    transformer = WanTransformer3DModel.from_pretrained(weights_dir / "transformer", local_files_only=True)
-    encoder = PromptEncoder.from_pretrained(weights_dir / "prompt_encoder", local_files_only=True)
+    transformer = _load(WanTransformer3DModel, weights_dir / "transformer")
+    encoder = _load(PromptEncoder, weights_dir / "prompt_encoder")
     pipe = BuiltinPipeline(transformer.eval(), encoder.eval(), new_scheduler())
-    return pipe.to(device=device, dtype=dtype)
+    pipe.to(device=device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -61,11 +61,20 @@ def run(
     if json_out:
         print_json(data)
         return
-    s = result.stats
+    s, q = result.stats, result.quality
     table(
         f"warpcache run: {model}, {steps} steps, seed {seed}, median of {repeats}",
-        ["uncached s", "cached s", "speedup", "PSNR dB", "SSIM", "recompute", "reuse", "warp", "compute"],
-        [[result.uncached_seconds, result.cached_seconds, f"{result.speedup:.2f}x", result.quality["psnr"],
-          result.quality["ssim"], s["recompute"], s["reuse"], s["warp"], f"{s['compute_fraction']:.0%}"]],
+        ["measure", "value"],
+        [
+            ["uncached wall time", f"{result.uncached_seconds:.3f} s"],
+            ["cached wall time", f"{result.cached_seconds:.3f} s"],
+            ["speedup", f"{result.speedup:.2f}x"],
+            ["PSNR vs uncached", f"{q['psnr']:.2f} dB"],
+            ["SSIM vs uncached", f"{q['ssim']:.4f}"],
+            ["temporal PSNR", f"{q['temporal_psnr']:.2f} dB"],
+            ["block calls recompute / reuse / warp", f"{s['recompute']} / {s['reuse']} / {s['warp']}"],
+            ["blocks computed", f"{s['compute_fraction']:.1%}"],
+            ["peak cache memory", f"{s['peak_bytes'] / 1e6:.1f} MB"],
+        ],
     )
     print(f"wrote {out}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from warpcache_cli import motion
 from warpcache_cli.policy import Action, decide, drift
-from warpcache_cli.runtime.adapters import Adapter, BlockIO, Grid
+from warpcache_cli.runtime.adapters import Adapter, BlockIO
 from warpcache_cli.runtime.session import BlockState, CacheSession, Decision
 from warpcache_cli.runtime.steps import timestep_value
 from warpcache_cli.store import FeatureKey
@@ -76,11 +76,6 @@ class StepHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.session.tracker.reset()
         return module
-
-
-def frame_map(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Channel-mean of the tokens on the grid, (B, F, H, W): enough to estimate a global shift."""
-    return x.float().mean(dim=-1).reshape(x.shape[0], *grid)
 
 
 class BlockHook(ModelHook):
@@ -142,7 +137,8 @@ class BlockHook(ModelHook):
         else:
             residuals = [c.tensor for c in cached]
             if action == Action.WARP and s.grid is not None and state.frame_map is not None:
-                residuals[0] = self._warp(residuals[0], state.frame_map, frame_map(x, s.grid), s.grid)
+                now_map, _ = motion.frame_maps(x, s.grid, state.direction)
+                residuals[0], _ = motion.warp_with_maps(residuals[0], state.frame_map, now_map, s.grid, s.motion)
             out = self._pack([i + r for i, r in zip(inputs, residuals)])
             state.reuse_run += 1
         decision = Decision(s.step.generation, s.branch, s.step.step, self.layer, action, d)
@@ -165,13 +161,6 @@ class BlockHook(ModelHook):
         grid = s.grid
         warpable = grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
         state.sketch = sketch.detach() if fits else None
-        state.frame_map = frame_map(x, grid) if warpable and fits else None
+        state.frame_map, state.direction = motion.frame_maps(x, grid) if warpable and fits else (None, None)
         state.computed_step = step
         state.reuse_run = 0
-
-    def _warp(self, residual: torch.Tensor, map_cached: torch.Tensor, map_now: torch.Tensor, grid: Grid
-              ) -> torch.Tensor:
-        shift = motion.estimate_shift(map_cached, map_now).mean(dim=1)  # (B, 2): one shift per sample
-        warped = motion.warp_tokens(residual, shift, grid)
-        blended, _ = motion.blend(residual, warped, self.session.motion)
-        return blended

@@ -26,7 +26,8 @@ class BlockState:
     """What one block remembers for one CFG branch between steps."""
 
     sketch: torch.Tensor | None = None  # input token sketch at the last recompute
-    frame_map: torch.Tensor | None = None  # channel-reduced input on the grid, for the warp's shift estimate
+    frame_map: torch.Tensor | None = None  # input reduced to (B, F, H, W) on the grid, for the warp's shift estimate
+    direction: torch.Tensor | None = None  # the channel direction that map was reduced on
     computed_step: int = -1
     reuse_run: int = 0
 
