@@ -98,9 +98,24 @@ def drift(x: torch.Tensor, x_cached: torch.Tensor, metric: str = "cosine", power
     cosine: saliency-weighted `sum_i w_i (1 - cos(x_i, c_i)) / sum_i w_i`, `w_i = ||c_i||^power`,
     so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`.
     """
+    return drift_variants(x, x_cached, ((metric, power),))[0]
+
+
+def drift_variants(x: torch.Tensor, x_cached: torch.Tensor, variants: tuple[tuple[str, float], ...]) -> torch.Tensor:
+    """`drift` for several (metric, power) pairs at once, (len(variants), B); the profiler records all of them.
+
+    Leading dimensions beyond the last two are batch dimensions, so lags can be stacked too.
+    """
     x, c = x.float(), x_cached.float()
-    if metric == "l2":
-        return (x - c).flatten(1).norm(dim=1) / c.flatten(1).norm(dim=1).clamp_min(1e-12)
-    cos = torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12)
-    w = c.norm(dim=-1).clamp_min(1e-12).pow(power)
-    return ((1.0 - cos) * w).sum(dim=1) / w.sum(dim=1)
+    out = []
+    cos = norm = None
+    for metric, power in variants:
+        if metric == "l2":
+            out.append((x - c).flatten(-2).norm(dim=-1) / c.flatten(-2).norm(dim=-1).clamp_min(1e-12))
+            continue
+        if cos is None:
+            cos = torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12)
+            norm = c.norm(dim=-1).clamp_min(1e-12)
+        w = norm.pow(power)
+        out.append(((1.0 - cos) * w).sum(dim=-1) / w.sum(dim=-1))
+    return torch.stack(out)

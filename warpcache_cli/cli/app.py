@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from warpcache_cli.cli import config_cmd, run_cmd
+from warpcache_cli.cli import config_cmd, profile_cmd, run_cmd, trace_cmd
 
 app = typer.Typer(
     name="warpcache",
@@ -14,7 +14,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(trace_cmd.app, name="trace")
 app.command(name="run")(run_cmd.run)
+app.command(name="profile")(profile_cmd.profile_command)
 
 
 def main() -> None:

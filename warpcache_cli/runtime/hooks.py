@@ -52,25 +52,37 @@ class StepHook(ModelHook):
         super().__init__()
         self.session, self.adapter, self.forward = session, adapter, forward
         self.context = StateManager(_ContextSlot)
+        self._named: dict[str, Any] | None = None
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         named = _named(self.forward, args, kwargs)
         video = self.adapter.video(named)
         grid = self.adapter.grid(module, video)
         context = self.context._context  # set by diffusers' cache_context; None when the pipeline gives none
-        self.session.begin_call(
-            timestep_value(named.get("timestep", 0.0)),
-            context,
-            lambda: motion.content_motion(video) if video is not None else 0.0,
-            grid,
-        )
+        s = self.session
+        s.begin_call(timestep_value(named.get("timestep", 0.0)), context, lambda: self._motion(video), grid)
+        self._named = named if s.step.call == 0 else None
         return args, kwargs
 
+    def _motion(self, video: torch.Tensor | None) -> float:
+        """Motion of the clean video the model predicted last step; of the noisy input before that."""
+        source = self.session.prediction if self.session.prediction is not None else video
+        return motion.content_motion(source) if source is not None else 0.0
+
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        step = self.session.step
-        n = getattr(self.context._context, "num_inference_steps", None)
-        if step is not None and n and step.step == n - 1:
-            self.session.flush_metrics()
+        s = self.session
+        context = self.context._context
+        sigma = getattr(context, "sigma", None)
+        if self._named is not None and sigma is not None:
+            # flow matching: x_t = (1 - sigma) x_0 + sigma * noise and the model predicts noise - x_0
+            pred = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+            video, velocity = self.adapter.video(self._named), self.adapter.video({**self._named, "hidden_states": pred})
+            if video is not None and velocity is not None and video.shape == velocity.shape:
+                s.prediction = (video.float() - float(sigma) * velocity.float()).detach()
+        self._named = None
+        n = getattr(context, "num_inference_steps", None)
+        if s.step is not None and n and s.step.step == n - 1:
+            s.flush_metrics()
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:

@@ -109,6 +109,7 @@ class CacheSession:
         self.stats = RuntimeStats()
         self.step: StepInfo | None = None
         self.motion = 0.0
+        self.prediction: torch.Tensor | None = None  # last step's predicted clean video, for the motion estimate
         self.grid: Grid | None = None
         self.branch = "call0"
         self._blocks: dict[tuple[str, int], BlockState] = {}
@@ -130,6 +131,7 @@ class CacheSession:
             self.store.invalidate(req)
         self._requests.clear()
         self._blocks.clear()
+        self.prediction = None
         self.stats.decisions.clear()
         self.stats.generations += 1
         self.flush_metrics()

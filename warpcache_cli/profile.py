@@ -1,0 +1,254 @@
+"""Record traces: full-compute runs with an observer on every block call.
+
+The runtime's hooks run with a never-reuse config, so the recorded trajectory is exactly the
+uncached one, and drift is measured by the same code, on the same token subset, that the
+live policy uses. Everything the replay needs for any config is stored as look-up tables:
+drift of each step's input against each of the previous `lags` steps' inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import warpcache_cli
+from warpcache_cli import motion, runtime
+from warpcache_cli.config import Config
+from warpcache_cli.errors import WarpcacheError
+from warpcache_cli.models import Request, generate
+from warpcache_cli.policy import drift, drift_variants
+from warpcache_cli.runtime.session import CacheSession, Decision
+from warpcache_cli.trace import DRIFT_VARIANTS, Trace
+
+DEFAULT_LAGS = 8
+DEFAULT_SKETCH_TOKENS = 16
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+@dataclass
+class _Past:
+    """One block's last inputs and residuals for one branch: what drift and reuse error compare against."""
+
+    sketches: deque = field(default_factory=deque)  # (x_sub, r_sub) of previous steps, newest last
+    x: torch.Tensor | None = None  # full input and residual of the previous step
+    r: torch.Tensor | None = None
+    frame_map: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+
+
+class Recorder:
+    """A `BlockObserver` that turns one full-compute generation into per-block rows."""
+
+    def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
+        self.lags, self.sketch_tokens, self.on_step = lags, sketch_tokens, on_step
+        self.branches: list[str] = []
+        self.rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.steps: dict[int, tuple[float, float, float]] = {}
+        self._past: dict[tuple[str, int], _Past] = {}
+        self.token_subset = torch.zeros(0, dtype=torch.long)
+
+    def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
+                 seconds: float, decision: Decision) -> None:
+        step = session.step
+        if session.branch not in self.branches:
+            self.branches.append(session.branch)
+        b = self.branches.index(session.branch)
+        if step.step not in self.steps:
+            self.steps[step.step] = (step.timestep, step.position, session.motion)
+            if self.on_step:
+                self.on_step(step.step)
+        past = self._past.setdefault((session.branch, layer), _Past(deque(maxlen=self.lags)))
+        with torch.no_grad():
+            row = self._measure(session, x, residual, past)
+        row["block_seconds"] = seconds
+        self.rows[(b, step.step, layer)] = row
+
+    def _measure(self, session: CacheSession, x: torch.Tensor, r: torch.Tensor, past: _Past) -> dict[str, Any]:
+        p = session.config.policy
+        idx = session.subset(x.shape[1], x.device)
+        self.token_subset = idx.cpu()
+        xs, rs = x[:, idx], r[:, idx].float()
+        out_norm = (xs.float() + rs).flatten(1).norm(dim=1).clamp_min(1e-12)
+        g = self.lags
+        row: dict[str, Any] = {
+            "drift": np.full((g, len(DRIFT_VARIANTS)), np.nan, np.float32),
+            "reuse_err": np.full(g, np.nan, np.float32),
+            "x_norm": float(x.float().norm()),
+            "r_norm": float(r.float().norm()),
+            "sketch_in": xs[:, : self.sketch_tokens].half().cpu(),
+            "sketch_res": rs[:, : self.sketch_tokens].half().cpu(),
+        }
+        if past.sketches:
+            old_x = torch.stack([s[0] for s in reversed(past.sketches)])  # (lags, B, K, C), lag 1 first
+            old_r = torch.stack([s[1] for s in reversed(past.sketches)])
+            n = len(past.sketches)
+            # the live policy takes the largest drift over the batch; so does the table
+            d = drift_variants(xs.expand_as(old_x), old_x, DRIFT_VARIANTS).amax(dim=-1)  # (M, lags)
+            row["drift"][:n] = d.T.cpu().numpy()
+            err = (rs - old_r).flatten(2).norm(dim=-1) / out_norm
+            row["reuse_err"][:n] = err.amax(dim=-1).cpu().numpy()
+        full_out = (x.float() + r.float()).flatten(1).norm(dim=1).clamp_min(1e-12)
+        if past.r is not None:
+            row["reuse_err1"] = float(((r.float() - past.r.float()).flatten(1).norm(dim=1) / full_out).max())
+            row["drift1_cos"] = float(drift(x, past.x, "cosine", p.saliency_power).max())
+            row["drift1_l2"] = float(drift(x, past.x, "l2").max())
+            row["warp_err1"] = row["reuse_err1"]
+            if past.frame_map is not None:
+                now_map, _ = motion.frame_maps(x, session.grid, past.direction)
+                warped, _ = motion.warp_with_maps(past.r, past.frame_map, now_map, session.grid, session.motion)
+                row["warp_err1"] = float(((r.float() - warped.float()).flatten(1).norm(dim=1) / full_out).max())
+        grid = session.grid
+        warpable = grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
+        past.frame_map, past.direction = motion.frame_maps(x, grid) if warpable else (None, None)
+        past.sketches.append((xs.detach(), rs.detach()))
+        past.x, past.r = x.detach(), r.detach()
+        return row
+
+
+def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_seconds: list[float],
+              call_seconds: list[dict[tuple[int, int], float]], lags: int) -> dict[str, np.ndarray]:
+    branches = recorders[0].branches
+    steps = 1 + max(s for rec in recorders for s in rec.steps)
+    layers = 1 + max(k[2] for rec in recorders for k in rec.rows)
+    runs = len(recorders)
+    for i, rec in enumerate(recorders):
+        if rec.branches != branches or len(rec.steps) != steps:
+            raise WarpcacheError(f"run {i} has branches {rec.branches} and {len(rec.steps)} steps; "
+                                 f"run 0 has {branches} and {steps}: all runs of a trace must match")
+    shape = (runs, len(branches), steps, layers)
+    nan = np.float32(np.nan)
+    arrays: dict[str, np.ndarray] = {
+        "drift": np.full((*shape, lags, len(DRIFT_VARIANTS)), nan, np.float32),
+        "reuse_err": np.full((*shape, lags), nan, np.float32),
+        **{k: np.full(shape, nan, np.float32) for k in
+           ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")},
+        "call_seconds": np.zeros(shape[:3], np.float32),
+        "run_seconds": np.asarray(run_seconds, np.float32),
+        "timestep": np.zeros((runs, steps), np.float32),
+        "position": np.zeros((runs, steps), np.float32),
+        "motion": np.zeros((runs, steps), np.float32),
+        "reference": np.stack(references).astype(np.float16),
+    }
+    sketches: dict[str, list] = {"sketch_in": [], "sketch_res": []}
+    for r, rec in enumerate(recorders):
+        for s, (t, pos, m) in rec.steps.items():
+            arrays["timestep"][r, s], arrays["position"][r, s], arrays["motion"][r, s] = t, pos, m
+        for (b, s), secs in call_seconds[r].items():
+            arrays["call_seconds"][r, b, s] = secs
+        for (b, s, layer), row in rec.rows.items():
+            for key, value in row.items():
+                if key in arrays:
+                    arrays[key][r, b, s, layer] = value
+        for key in sketches:
+            sketches[key].append(torch.stack([
+                torch.stack([torch.stack([rec.rows[(b, s, layer)][key] for layer in range(layers)])
+                             for s in range(steps)]) for b in range(len(branches))]))
+    for key, parts in sketches.items():
+        arrays[key] = torch.stack(parts).numpy()
+    return arrays
+
+
+def _call_timer(transformer: torch.nn.Module, session_ref: list[CacheSession | None],
+                out: dict[tuple[int, int], float], branches: list[str]) -> list[Any]:
+    """Forward pre/post hooks timing each whole transformer call (blocks plus everything around them)."""
+    start: list[float] = [0.0]
+
+    def pre(module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
+        start[0] = time.perf_counter()
+
+    def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        s = session_ref[0]
+        if s is not None and s.step is not None and s.branch in branches:
+            out[(branches.index(s.branch), s.step.step)] = time.perf_counter() - start[0]
+
+    return [transformer.register_forward_pre_hook(pre), transformer.register_forward_hook(post)]
+
+
+def profile(
+    pipe: Any,
+    requests: list[Request],
+    *,
+    model_id: str = "",
+    tokens: int | None = None,
+    token_seed: int = 0,
+    sketch_tokens: int = DEFAULT_SKETCH_TOKENS,
+    lags: int = DEFAULT_LAGS,
+    dtype: str = "float32",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Trace:
+    """Run each request at full compute and record a trace; `tokens` is the drift subset size."""
+    if not requests:
+        raise WarpcacheError("nothing to profile: give at least one prompt and seed")
+    shapes = {(r.steps, r.frames, r.height, r.width) for r in requests}
+    if len(shapes) > 1:
+        raise WarpcacheError("all requests of one trace must share steps, frames, height and width")
+    base = Config.default()
+    policy = base.with_policy(warm_up_steps=1000, token_subset=tokens or base.policy.token_subset,
+                              token_seed=token_seed)
+    transformer = runtime.find_transformer(pipe)
+    recorders, refs, run_secs, call_secs = [], [], [], []
+    for i, req in enumerate(requests):
+        rec = Recorder(lags, sketch_tokens, on_step=(lambda s, i=i: on_progress(i, s)) if on_progress else None)
+        calls: dict[tuple[int, int], float] = {}
+        session = runtime.apply(pipe, policy, observer=rec)
+        handles = _call_timer(transformer, [session], calls, rec.branches)
+        try:
+            start = time.perf_counter()
+            frames = generate(pipe, req)
+            run_secs.append(time.perf_counter() - start)
+        finally:
+            for h in handles:
+                h.remove()
+            runtime.remove(pipe)
+        recorders.append(rec)
+        refs.append(frames)
+        call_secs.append(calls)
+    arrays = _assemble(recorders, refs, run_secs, call_secs, lags)
+    arrays["token_subset"] = recorders[0].token_subset.numpy().astype(np.int64)
+    first = requests[0]
+    meta = {
+        "model": model_id,
+        "model_class": type(transformer).__name__,
+        "model_config": _plain_config(transformer),
+        "prompts": [r.prompt for r in requests],
+        "seeds": [r.seed for r in requests],
+        "steps": first.steps,
+        "guidance": first.guidance,
+        "resolution": {"frames": int(refs[0].shape[0]), "height": int(refs[0].shape[1]),
+                       "width": int(refs[0].shape[2])},
+        "request": {"frames": first.frames, "height": first.height, "width": first.width},
+        "grid": list(session.grid) if session.grid else None,
+        "dtype": dtype,
+        "device": str(next(transformer.parameters()).device),
+        "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
+        "branches": recorders[0].branches,
+        "num_blocks": session.num_blocks,
+        "token_subset": policy.policy.token_subset,
+        "token_seed": token_seed,
+        "sketch_tokens": sketch_tokens,
+        "lags": lags,
+        "drift_variants": [list(v) for v in DRIFT_VARIANTS],
+        "package_version": warpcache_cli.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return Trace(meta, arrays)
+
+
+def _plain_config(module: torch.nn.Module) -> dict[str, Any]:
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return {}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items()
+            if isinstance(v, (int, float, str, bool, list, tuple, type(None))) and not k.startswith("_")}
