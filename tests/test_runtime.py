@@ -181,7 +181,7 @@ def test_warp_decisions_warp_the_cached_residual():
     session = wc.apply(model, AGGRESSIVE)
     reuse_out = denoise(model, inputs, steps=4)
     wc.remove(model)
-    warp_all = AGGRESSIVE.with_policy(warp_threshold=0.0, motion_scale=3.0)
+    warp_all = AGGRESSIVE.with_policy(warp_threshold=1e-9, motion_scale=3.0)
     session = wc.apply(model, warp_all)
     warp_out = denoise(model, inputs, steps=4)
     assert session.stats.counts[wc.Action.WARP] == 3 * 3

@@ -119,3 +119,19 @@ def denoise(model: torch.nn.Module, inputs: Callable[[torch.Tensor, float], dict
             pred = pred.reshape(x.shape) if pred.ndim != 5 else pred
             x = x - pred * (1.0 / steps)
     return x
+
+
+class TinyPipeline:
+    """A diffusers-style pipeline around a tiny transformer, for `profile` and `run` on every architecture."""
+
+    def __init__(self, arch: str) -> None:
+        self.transformer, self._inputs = build(arch)
+
+    def __call__(self, prompt: str, num_inference_steps: int, guidance_scale: float, generator: torch.Generator,
+                 output_type: str = "np") -> Any:
+        seed = int(generator.initial_seed())
+        branches = ("cond", "uncond") if guidance_scale > 1 else ("cond",)
+        x = denoise(self.transformer, self._inputs, steps=num_inference_steps, branches=branches, seed=seed,
+                    guidance=guidance_scale)
+        frames = x[:, :3].permute(0, 2, 3, 4, 1).clamp(-1, 1).add(1).div(2)  # (B, F, H, W, 3) in [0, 1]
+        return type("Output", (), {"frames": frames.numpy()})()

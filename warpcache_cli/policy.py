@@ -47,7 +47,8 @@ def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: i
     decay = np.exp(-cfg.motion_scale * np.asarray(motion, dtype=np.float64))
     scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * layer_multiplier(cfg, layer)
     t = np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale
-    w = np.where(np.isin(layer, cfg.no_warp_layers), t, np.minimum(cfg.warp_threshold * decay * scale, t))
+    no_warp = np.isin(layer, cfg.no_warp_layers) | (cfg.warp_threshold == 0.0)  # 0 switches warping off
+    w = np.where(no_warp, t, np.minimum(cfg.warp_threshold * decay * scale, t))
     return t, w
 
 

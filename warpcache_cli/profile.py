@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import warpcache_cli
-from warpcache_cli import motion, runtime
+from warpcache_cli import motion, quality, runtime
 from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, generate
@@ -186,9 +186,14 @@ def profile(
     sketch_tokens: int = DEFAULT_SKETCH_TOKENS,
     lags: int = DEFAULT_LAGS,
     dtype: str = "float32",
+    calibrate: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Trace:
-    """Run each request at full compute and record a trace; `tokens` is the drift subset size."""
+    """Run each request at full compute and record a trace; `tokens` is the drift subset size.
+
+    `calibrate` live cached runs of the first request measure the quality the replay's
+    estimate is calibrated to.
+    """
     if not requests:
         raise WarpcacheError("nothing to profile: give at least one prompt and seed")
     shapes = {(r.steps, r.frames, r.height, r.width) for r in requests}
@@ -215,6 +220,9 @@ def profile(
         recorders.append(rec)
         refs.append(frames)
         call_secs.append(calls)
+    start = time.perf_counter()
+    generate(pipe, requests[0])
+    plain_seconds = time.perf_counter() - start  # the unhooked run the estimated speedup is relative to
     arrays = _assemble(recorders, refs, run_secs, call_secs, lags)
     arrays["token_subset"] = recorders[0].token_subset.numpy().astype(np.int64)
     first = requests[0]
@@ -240,10 +248,46 @@ def profile(
         "sketch_tokens": sketch_tokens,
         "lags": lags,
         "drift_variants": [list(v) for v in DRIFT_VARIANTS],
+        "plain_seconds": plain_seconds,
         "package_version": warpcache_cli.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return Trace(meta, arrays)
+    trace = Trace(meta, arrays)
+    if calibrate:
+        trace.meta["calibration"] = _calibration(pipe, requests[0], trace, refs[0], calibrate, policy)
+    return trace
+
+
+def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
+    """Configs from mild to aggressive, with thresholds at quantiles of the recorded lag-1 drift."""
+    d = trace.arrays["drift"][0, :, 1:, :, 0, DRIFT_VARIANTS.index(("cosine", 1.0))]
+    quantiles = np.linspace(0.3, 0.97, n)
+    out = []
+    for i, q in enumerate(quantiles):
+        t = float(max(np.nanquantile(d, q), 1e-6))
+        out.append(base.with_policy(
+            drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
+            warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping motion_scale=0.0, phase_multipliers=(1.0, 1.0),
+            warm_up_steps=2, max_consecutive_reuse=min(trace.lags, 2 + i),
+        ))
+    return out
+
+
+def _calibration(pipe: Any, req: Request, trace: Trace, reference: np.ndarray, n: int, base: Config
+                 ) -> dict[str, Any]:
+    """Live runs of a few configs on the first request: the points the replay's quality model is fit to."""
+    configs = calibration_configs(trace, n, base.with_policy(warm_up_steps=2))
+    psnr, ssim = [], []
+    for cfg in configs:
+        runtime.apply(pipe, cfg)
+        try:
+            frames = generate(pipe, req)
+        finally:
+            runtime.remove(pipe)
+        q = quality.compare(frames, reference)
+        psnr.append(q["psnr"] if np.isfinite(q["psnr"]) else None)
+        ssim.append(q["ssim"])
+    return {"configs": [c.to_dict() for c in configs], "psnr": psnr, "ssim": ssim}
 
 
 def _plain_config(module: torch.nn.Module) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except WarpcacheError as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+            prefix = "error" if exc.exit_code == 2 else "failed"
+            print(f"{prefix}: {one_line(exc)}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

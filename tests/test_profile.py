@@ -1,0 +1,114 @@
+"""Profiling: traces recorded from real runs, the trace format, and bad trace files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from tiny import ARCHITECTURES, TinyPipeline
+from warpcache_cli.cli.app import app
+from warpcache_cli.models import Request, generate, load_model
+from warpcache_cli.profile import profile
+from warpcache_cli.trace import Trace
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_model("builtin")
+
+
+@pytest.fixture(scope="module")
+def trace(builtin, tmp_path_factory):
+    reqs = [Request("a red circle moving right fast", 0, 6), Request("a blue square static", 1, 6)]
+    t = profile(builtin, reqs, model_id="builtin")
+    path = tmp_path_factory.mktemp("t") / "t.safetensors"
+    t.save(path)
+    return Trace.load(path)
+
+
+def test_trace_round_trip_and_reference_is_the_uncached_output(builtin, trace):
+    assert trace.shape == (2, 2, 6, 6)
+    assert trace.meta["branches"] == ["cond", "uncond"] and trace.meta["seeds"] == [0, 1]
+    plain = generate(builtin, Request("a blue square static", 1, 6))
+    np.testing.assert_allclose(trace.arrays["reference"][1].astype(np.float32), plain, atol=1e-3)
+    drift = trace.arrays["drift"]
+    assert np.isnan(drift[:, :, 0]).all()  # nothing to compare with at step 0
+    assert np.isfinite(drift[:, :, 1:, :, 0]).all() and (drift[:, :, 1:, :, 0] > 0).all()
+    assert np.isnan(drift[:, :, 2, :, 2:]).all()  # lag 3 does not exist at step 2
+    assert (trace.arrays["block_seconds"] > 0).all()
+    assert (trace.arrays["position"][:, -1] == 1.0).all()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_profile_every_architecture(arch):
+    t = profile(TinyPipeline(arch), [Request("x", 0, 4)], model_id=f"tiny-{arch}", tokens=32)
+    assert t.shape[2] == 4 and t.meta["model_class"] == type(TinyPipeline(arch).transformer).__name__
+    assert np.isfinite(t.arrays["drift1_cos"][:, :, 1:]).all()
+
+
+def test_cli_profile_and_info(tmp_path):
+    out = tmp_path / "p.safetensors"
+    res = runner.invoke(app, ["profile", "builtin", "--steps", "3", "--seeds", "0-1", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["trace", "info", str(out), "--json"])
+    info = json.loads(res.stdout)
+    assert res.exit_code == 0 and info["runs"] == 2 and info["steps"] == 3 and info["blocks"] == 6
+
+
+def _bad_files(tmp_path, trace):
+    good = tmp_path / "good.safetensors"
+    trace.save(good)
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a trace at all" * 10)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(foreign))
+    old = tmp_path / "old.safetensors"
+    meta = {**trace.meta, "format": "warpcache-trace", "format_version": 9}
+    save_file(dict(trace.arrays), str(old), metadata={"warpcache": json.dumps(meta)})
+    return {
+        "truncated": (truncated, "corrupt or truncated"),
+        "garbage": (garbage, "corrupt or truncated"),
+        "foreign": (foreign, "not a trace"),
+        "old": (old, "format version 9"),
+        "missing": (tmp_path / "nope.safetensors", "no such trace file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "foreign", "old", "missing"])
+def test_bad_trace_files_exit_2_with_one_line(tmp_path, trace, case):
+    path, message = _bad_files(tmp_path, trace)[case]
+    res = runner.invoke(app, ["trace", "info", str(path)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, trace, monkeypatch):
+    import warpcache_cli.trace as trace_mod
+
+    def explode(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trace_mod, "save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        trace.save(tmp_path / "t.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trace_size_is_small(trace):
+    r, br, s, lyr = trace.shape
+    per_run_step = sum(a.nbytes for a in trace.arrays.values()) / (r * s)
+    assert per_run_step * 30 < 5e6 and math.isfinite(per_run_step)

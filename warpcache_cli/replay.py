@@ -1,0 +1,191 @@
+"""Offline replay: a trace through the policy, thousands of times a second.
+
+The policy's own `ceilings` and `choose` decide, on arrays of all runs, branches and
+blocks at once, step by step. Drift comes from the trace's look-up table: the drift of
+step s's input against the input of the block's last computed step, exactly what the live
+hook would measure while the run is on the reference trajectory. Speed and quality are
+estimates: speed from recorded block times, quality from a model of how injected residual
+error becomes output error, calibrated by live runs recorded with the trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from warpcache_cli.config import Config, PolicyConfig
+from warpcache_cli.errors import WarpcacheError
+from warpcache_cli.policy import Action, ceilings, choose
+from warpcache_cli.trace import Trace, drift_variant
+
+
+@dataclass
+class QualityModel:
+    """PSNR = a + b log10(E), log10(1 - SSIM) = c + d log10(E), E the accumulated injected error."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    points: int
+
+    def psnr(self, error: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.where(error > 0, self.a + self.b * np.log10(error), np.inf)
+
+    def ssim(self, error: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.where(error > 0, 1.0 - np.clip(10 ** (self.c + self.d * np.log10(error)), 0.0, 1.0), 1.0)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, slope: float) -> tuple[float, float]:
+    """Least squares line; with fewer than two distinct points, a line of the prior slope through their mean."""
+    if len(x) >= 2 and np.ptp(x) > 1e-9:
+        b, a = np.polyfit(x, y, 1)
+        return float(a), float(b)
+    return float(np.mean(y) - slope * np.mean(x)), slope
+
+
+class Replayer:
+    """Look-up tables built once per trace, then `run(policy)` per config."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        a = trace.arrays
+        self.runs, self.branches, self.steps, self.blocks = trace.shape
+        self.lags = trace.lags
+        self._drift = {}  # variant index -> (R, Br, S, L, G)
+        self._raw_drift = a["drift"]
+        self.reuse_err = np.nan_to_num(np.asarray(a["reuse_err"], np.float64), nan=0.0)
+        ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
+        self.warp_ratio = np.clip(np.nan_to_num(ratio, nan=1.0, posinf=1.0), 0.0, 4.0)
+        self.block_seconds = np.asarray(a["block_seconds"], np.float64)
+        plain = trace.meta.get("plain_seconds")
+        self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))
+        t = np.asarray(a["timestep"], np.float64)
+        nxt = np.concatenate([t[:, 1:], np.zeros((self.runs, 1))], axis=1)
+        self.step_weight = np.clip((t - nxt) / 1000.0, 0.0, None)  # how much of x each step's velocity moves
+        self.motion = np.asarray(a["motion"], np.float64)
+        self.position = np.asarray(a["position"], np.float64)
+        self.layers = np.arange(self.blocks)
+        self.quality: QualityModel | None = None
+        self.quality = self._calibrate()
+
+    def drift_table(self, policy: PolicyConfig) -> np.ndarray:
+        v = drift_variant(policy.drift_metric, policy.saliency_power)
+        if v not in self._drift:
+            d = np.asarray(self._raw_drift[..., v], np.float64)
+            self._drift[v] = np.moveaxis(np.nan_to_num(d, nan=np.inf), 2, 0)  # (S, R, Br, L, G)
+        return self._drift[v]
+
+    def decisions(self, policy: PolicyConfig, runs: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions, drift seen and lag used, each (R, Br, S, L), as the live hooks would decide."""
+        table = self.drift_table(policy)[:, runs]
+        r, br, lyr = table.shape[1], table.shape[2], table.shape[3]
+        t_all, w_all = ceilings(policy, self.motion[runs, :, None, None], self.position[runs, :, None, None],
+                                self.layers)  # (R, S, 1, L)
+        last = np.full((r, br, lyr), -1)
+        run_len = np.zeros((r, br, lyr), dtype=np.int64)
+        actions = np.empty((r, br, self.steps, lyr), dtype=np.int8)
+        seen = np.empty((r, br, self.steps, lyr))
+        lags = np.zeros((r, br, self.steps, lyr), dtype=np.int64)
+        for s in range(self.steps):
+            lag = s - last
+            has = (last >= 0) & (lag <= self.lags)
+            idx = np.clip(lag - 1, 0, self.lags - 1)[..., None]
+            d = np.where(has, np.take_along_axis(table[s], idx, axis=-1)[..., 0], np.inf)
+            a = choose(policy, s, self.layers, d, t_all[:, s], w_all[:, s], run_len, has)
+            recompute = a == Action.RECOMPUTE
+            last = np.where(recompute, s, last)
+            run_len = np.where(recompute, 0, run_len + 1)
+            actions[:, :, s], seen[:, :, s], lags[:, :, s] = a, d, np.where(recompute, 0, lag)
+        return actions, seen, lags
+
+    def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
+        actions, seen, lags = self.decisions(policy, runs)
+        reused = actions != Action.RECOMPUTE
+        idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]
+        err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
+        err = np.where(actions == Action.WARP, err * self.warp_ratio[runs], err)
+        err = np.where(reused, err, 0.0)
+        # blocks of one step add up as independent errors; steps add up along the trajectory
+        per_step = np.sqrt((err**2).sum(axis=3)).mean(axis=1)  # (R, S)
+        error = (per_step * self.step_weight[runs]).sum(axis=1)
+        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3))
+        speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
+        drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
+        return ReplayResult(
+            actions=actions,
+            error=error,
+            speedup=speedup,
+            drift=drift_acc,
+            psnr=self.quality.psnr(error) if self.quality else np.full(len(error), np.nan),
+            ssim=self.quality.ssim(error) if self.quality else np.full(len(error), np.nan),
+        )
+
+    def _calibrate(self) -> QualityModel | None:
+        cal = self.trace.meta.get("calibration")
+        if not cal:
+            return None
+        errors = np.array([self.run(Config.from_dict(c).policy, slice(0, 1)).error[0]
+                           for c in cal["configs"]])
+        psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
+        ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
+        if not ok.any():
+            return None
+        x = np.log10(errors[ok])
+        a, b = _fit(x, psnr[ok], -20.0)
+        c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
+        return QualityModel(a, b, c, d, int(ok.sum()))
+
+
+@dataclass
+class ReplayResult:
+    actions: np.ndarray  # (R, Br, S, L) int8 Action values
+    error: np.ndarray  # (R,) accumulated injected error E
+    speedup: np.ndarray  # (R,) estimated
+    drift: np.ndarray  # (R,) accumulated drift of reused blocks, per block and branch
+    psnr: np.ndarray  # (R,) estimated, dB; NaN without calibration
+    ssim: np.ndarray  # (R,) estimated
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {a.name.lower(): int((self.actions == a).sum()) for a in Action}
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counts()
+        total = sum(c.values())
+        return {
+            **c,
+            "compute_fraction": c["recompute"] / total if total else 1.0,
+            "est_speedup": float(np.mean(self.speedup)),
+            "est_psnr": float(np.min(self.psnr)),
+            "est_ssim": float(np.min(self.ssim)),
+            "drift": float(np.max(self.drift)),
+        }
+
+
+def replay(trace: Trace, config: Config) -> ReplayResult:
+    check_compatible(trace, config)
+    return Replayer(trace).run(config.policy)
+
+
+def check_compatible(trace: Trace, config: Config) -> None:
+    """A config tuned for another model, or measuring drift on other tokens, cannot be judged by this trace."""
+    if config.upstream and trace.model and config.upstream != trace.model:
+        raise WarpcacheError(f"config is for model {config.upstream!r} but the trace records {trace.model!r}")
+    p = config.policy
+    k, seed = trace.meta.get("token_subset"), trace.meta.get("token_seed")
+    if (k, seed) != (p.token_subset, p.token_seed):
+        raise WarpcacheError(
+            f"config measures drift on {p.token_subset} tokens (seed {p.token_seed}) but the trace recorded "
+            f"{k} tokens (seed {seed}); set policy.token_subset/token_seed to match or re-profile with --tokens"
+        )
+    if p.max_consecutive_reuse > trace.lags:
+        raise WarpcacheError(
+            f"policy.max_consecutive_reuse = {p.max_consecutive_reuse} needs drift {p.max_consecutive_reuse} "
+            f"steps back, the trace recorded {trace.lags}; re-profile with --lags {p.max_consecutive_reuse}"
+        )
+
