@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from warpcache_cli.cli import config_cmd, profile_cmd, replay_cmd, run_cmd, trace_cmd
+from warpcache_cli.cli import config_cmd, profile_cmd, replay_cmd, run_cmd, trace_cmd, tune_cmd
 
 app = typer.Typer(
     name="warpcache",
@@ -18,6 +18,7 @@ app.add_typer(trace_cmd.app, name="trace")
 app.command(name="run")(run_cmd.run)
 app.command(name="profile")(profile_cmd.profile_command)
 app.command(name="replay")(replay_cmd.replay_command)
+app.command(name="tune")(tune_cmd.tune_command)
 
 
 def main() -> None:

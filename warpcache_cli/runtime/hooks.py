@@ -76,7 +76,8 @@ class StepHook(ModelHook):
         if self._named is not None and sigma is not None:
             # flow matching: x_t = (1 - sigma) x_0 + sigma * noise and the model predicts noise - x_0
             pred = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-            video, velocity = self.adapter.video(self._named), self.adapter.video({**self._named, "hidden_states": pred})
+            video = self.adapter.video(self._named)
+            velocity = self.adapter.video({**self._named, "hidden_states": pred})
             if video is not None and velocity is not None and video.shape == velocity.shape:
                 s.prediction = (video.float() - float(sigma) * velocity.float()).detach()
         self._named = None

@@ -1,0 +1,309 @@
+"""Auto-tuning: Optuna searches the policy on offline replays, the real model has the last word.
+
+Thresholds are searched as quantiles of the drift the trace recorded, so one search space
+fits every model whatever its drift scale. Budgets are constraints (Optuna's
+`constraints_func`), not penalties, so infeasible trials guide the sampler without
+polluting the objective. Because quality can fall off a cliff between neighbouring
+thresholds, the top candidates are run on the real model and the chosen config is the
+fastest whose measured quality meets the budget on every validation seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from warpcache_cli import quality, runtime
+from warpcache_cli.budget import Budget
+from warpcache_cli.config import Config
+from warpcache_cli.errors import WarpcacheError
+from warpcache_cli.measure import timed, warm_up
+from warpcache_cli.models import Request
+from warpcache_cli.replay import Replayer
+from warpcache_cli.sensitivity import recommended, sensitivity
+from warpcache_cli.trace import DRIFT_VARIANTS, Trace
+
+POWERS = sorted({p for m, p in DRIFT_VARIANTS if m == "cosine"})
+HEARTBEAT_SECONDS = 2
+GRACE_SECONDS = 6
+
+
+@dataclass
+class Candidate:
+    config: Config
+    trial: int
+    est_speedup: float
+    est_psnr: float
+    est_drift: float
+    measured: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def measured_speedup(self) -> float:
+        return statistics.median(m["speedup"] for m in self.measured) if self.measured else float("nan")
+
+    @property
+    def measured_psnr(self) -> float:
+        return min(m["psnr"] for m in self.measured) if self.measured else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial": self.trial, "est_speedup": self.est_speedup, "est_psnr": self.est_psnr,
+                "est_drift": self.est_drift, "measured_speedup": self.measured_speedup,
+                "measured_min_psnr": self.measured_psnr, "measured": self.measured}
+
+
+class SearchSpace:
+    """Maps an Optuna trial to a Config; thresholds come from quantiles of the recorded drift."""
+
+    def __init__(self, traces: list[Trace], base: Config) -> None:
+        self.base = base
+        self.lags = min(t.lags for t in traces)
+        self.steps = min(t.shape[2] for t in traces)
+        self.quantiles = {}
+        for v in range(len(DRIFT_VARIANTS)):
+            values = np.concatenate([t.arrays["drift"][:, :, 1:, :, 0, v].ravel() for t in traces])
+            values = np.sort(values[np.isfinite(values) & (values > 0)])
+            if not values.size:
+                raise WarpcacheError("the trace has no finite drift; it cannot be tuned")
+            self.quantiles[v] = values
+        self.multipliers, self.no_warp = recommended(sensitivity(traces[0]))
+
+    def threshold(self, variant: int, q: float) -> float:
+        return float(min(2.0, max(1e-9, np.quantile(self.quantiles[variant], q))))
+
+    def config(self, trial: optuna.trial.BaseTrial) -> Config:
+        metric = trial.suggest_categorical("drift_metric", ["cosine", "l2"])
+        power = trial.suggest_categorical("saliency_power", POWERS)
+        variant = DRIFT_VARIANTS.index(("l2", 0.0) if metric == "l2" else ("cosine", power))
+        base = self.threshold(variant, trial.suggest_float("base_q", 0.02, 0.999))
+        warp_frac = trial.suggest_float("warp_frac", 0.0, 1.0)
+        a = trial.suggest_float("phase_start", 0.0, 0.6)
+        b = min(1.0, a + trial.suggest_float("phase_span", 0.05, 0.9))
+        early = trial.suggest_float("phase_early", 0.5, 1.5)
+        late = early + (1.5 - early) * trial.suggest_float("phase_late_share", 0.0, 1.0)
+        strength = trial.suggest_float("sensitivity_strength", 0.0, 1.0)
+        use_warp_profile = trial.suggest_categorical("warp_profile", [True, False])
+        return self.base.with_policy(
+            drift_metric=metric,
+            saliency_power=power,
+            base_threshold=base,
+            min_threshold=base * trial.suggest_float("min_frac", 0.0, 1.0),
+            warp_threshold=base * warp_frac if warp_frac >= 0.05 else 0.0,
+            motion_scale=trial.suggest_float("motion_scale", 0.0, 8.0),
+            warm_up_steps=trial.suggest_int("warm_up_steps", 0, max(1, self.steps // 3)),
+            max_consecutive_reuse=trial.suggest_int("max_consecutive_reuse", 1, self.lags),
+            phase_breakpoints=(a, b),
+            phase_multipliers=(early, min(1.5, late)),
+            layer_multipliers={k: float(v**strength) for k, v in self.multipliers.items()},
+            no_warp_layers=self.no_warp if use_warp_profile else (),
+        )
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """In memory, any SQLAlchemy URL (SQLite, PostgreSQL, MySQL), or `journal:PATH` for a journal file."""
+    if not url:
+        return None
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        )
+    except Exception as exc:
+        raise WarpcacheError(f"cannot open storage {redact(url)}: {type(exc).__name__}: "
+                             f"{redact(str(exc).splitlines()[0] if str(exc) else '')}") from None
+
+
+def redact(url: str) -> str:
+    """A storage URL with its password masked, for messages and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+@dataclass
+class TuneResult:
+    study: optuna.Study
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    validated: bool
+    message: str
+    seconds: float
+    space: SearchSpace
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def pareto(self) -> list[dict[str, Any]]:
+        trials = self.trials()
+        pts = [(t.user_attrs["est_speedup"], t.user_attrs["est_psnr"], t.number) for t in trials]
+        front = [p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in pts)]
+        return [{"trial": n, "est_speedup": s, "est_psnr": q} for s, q, n in sorted(front)]
+
+
+class Tuner:
+    def __init__(self, traces: list[Trace], budget: Budget, base: Config | None = None) -> None:
+        if not traces:
+            raise WarpcacheError("no traces to tune on")
+        self.traces, self.budget = traces, budget
+        self.replayers = [Replayer(t) for t in traces]
+        if budget.min_psnr is not None and any(r.quality is None for r in self.replayers):
+            raise WarpcacheError("a PSNR budget needs calibrated traces; re-profile with --calibrate 4 or more")
+        model = traces[0].model
+        tokens = traces[0].meta.get("token_subset"), traces[0].meta.get("token_seed")
+        base = base or Config.default()
+        base = Config.from_dict({**base.to_dict(), "upstream": model})
+        self.space = SearchSpace(traces, base.with_policy(token_subset=tokens[0], token_seed=tokens[1]))
+
+    def evaluate(self, cfg: Config) -> dict[str, float]:
+        results = [r.run(cfg.policy) for r in self.replayers]
+        return {
+            "est_speedup": float(np.mean(np.concatenate([r.speedup for r in results]))),
+            "est_psnr": float(np.min(np.concatenate([r.psnr for r in results]))),
+            "est_drift": float(np.max(np.concatenate([r.drift for r in results]))),
+        }
+
+    def objective(self, trial: optuna.Trial, pareto: bool) -> float | tuple[float, float]:
+        est = self.evaluate(self.space.config(trial))
+        for k, v in est.items():
+            trial.set_user_attr(k, v)
+        slack = self.budget.slack(est["est_psnr"], est["est_drift"])
+        trial.set_user_attr("constraint", slack)
+        trial.set_constraint("budget", slack)
+        if pareto:
+            return est["est_speedup"], est["est_psnr"]
+        return est["est_speedup"]
+
+    def search(self, trials: int, *, timeout: float | None = None, seed: int = 0, storage: str | None = None,
+               study_name: str | None = None, pareto: bool = False,
+               on_trial: Callable[[int], None] | None = None) -> optuna.Study:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=min(40, max(10, trials // 10)), multivariate=True,
+        )
+        directions = ["maximize", "maximize"] if pareto else ["maximize"]
+        try:
+            study = optuna.create_study(storage=open_storage(storage), study_name=study_name, sampler=sampler,
+                                        directions=directions, load_if_exists=True)
+        except ValueError as exc:
+            raise WarpcacheError(f"study {study_name!r}: {exc}") from None
+        if study.directions != [optuna.study.StudyDirection.MAXIMIZE] * len(directions):
+            raise WarpcacheError(f"study {study_name!r} was created with other objectives; use another --study-name")
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if done and set(done[0].params) != set(self._param_names()):
+            raise WarpcacheError(f"study {study_name!r} has a different search space; use another --study-name")
+        complete = (optuna.trial.TrialState.COMPLETE,)
+
+        def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if on_trial:
+                on_trial(len(study.get_trials(deepcopy=False, states=complete)))
+
+        study.optimize(lambda t: self.objective(t, pareto), n_trials=trials, timeout=timeout,
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=complete), callback],
+                       gc_after_trial=False)
+        return study
+
+    def _param_names(self) -> list[str]:
+        names: list[str] = []
+        self.space.config(_Recorder(names))
+        return names
+
+    def _candidate(self, t: optuna.trial.FrozenTrial) -> Candidate:
+        return Candidate(self.space.config(optuna.trial.FixedTrial(t.params)), t.number,
+                         t.user_attrs["est_speedup"], t.user_attrs["est_psnr"], t.user_attrs["est_drift"])
+
+    def closest(self, study: optuna.Study) -> Candidate | None:
+        """The trial that missed the budget by the least, to report when none met it."""
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return self._candidate(min(done, key=lambda t: t.user_attrs["constraint"])) if done else None
+
+    def candidates(self, study: optuna.Study, k: int, margin_db: float = 0.75) -> list[Candidate]:
+        """Up to k feasible configs: the fastest, then ones trading speed for more PSNR headroom."""
+        feasible = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if t.user_attrs.get("constraint", 1.0) <= 0.0]
+        feasible.sort(key=lambda t: -t.user_attrs["est_speedup"])
+        picked: list[optuna.trial.FrozenTrial] = []
+        for t in feasible:
+            if len(picked) == k:
+                break
+            if not picked or t.user_attrs["est_psnr"] >= picked[-1].user_attrs["est_psnr"] + margin_db:
+                picked.append(t)
+        return [self._candidate(t) for t in picked]
+
+
+class _Recorder(optuna.trial.FixedTrial):
+    """A trial that answers every suggestion with its lower bound and remembers the names asked for."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__({})
+        self._names = names
+
+    def _suggest(self, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+        self._names.append(name)
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            return distribution.choices[0]
+        return distribution.low
+
+
+def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], budget: Budget,
+             tick: Callable[[], None] | None = None) -> Candidate | None:
+    """Run each candidate on the real model; the fastest that meets the PSNR budget on every request wins."""
+    tick = tick or (lambda: None)
+    runtime.remove(pipe)
+    warm_up(pipe, requests[0])
+    for req in requests:
+        ref, plain_before = timed(pipe, req)
+        tick()
+        runs = []
+        for cand in candidates:
+            runtime.apply(pipe, cand.config)
+            try:
+                runs.append(timed(pipe, req))
+            finally:
+                runtime.remove(pipe)
+            tick()
+        # the plain run is timed before and after the cached ones, so load drift hits both sides alike
+        plain_s = (plain_before + timed(pipe, req)[1]) / 2
+        for cand, (frames, cached_s) in zip(candidates, runs):
+            q = quality.compare(frames, ref)
+            cand.measured.append({"seed": req.seed, "prompt": req.prompt, "speedup": plain_s / cached_s,
+                                  "psnr": q["psnr"], "ssim": q["ssim"]})
+    ok = [c for c in candidates if budget.min_psnr is None or c.measured_psnr >= budget.min_psnr]
+    return max(ok, key=lambda c: c.measured_speedup) if ok else None
+
+
+def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: float | None = None, seed: int = 0,
+         storage: str | None = None, study_name: str | None = None, pareto: bool = False,
+         pipe: Any = None, validation: list[Request] | None = None, top_k: int = 4,
+         base: Config | None = None, on_trial: Callable[[int], None] | None = None,
+         on_validate: Callable[[], None] | None = None) -> TuneResult:
+    start = time.perf_counter()
+    tuner = Tuner(traces, budget, base)
+    study = tuner.search(trials, timeout=timeout, seed=seed, storage=storage, study_name=study_name,
+                         pareto=pareto, on_trial=on_trial)
+    cands = tuner.candidates(study, top_k)
+    if not cands:
+        closest = tuner.closest(study)
+        msg = "no config meets the budget on the trace"
+        if closest is not None:
+            msg += f"; the closest found estimates {closest.est_psnr:.2f} dB at {closest.est_speedup:.2f}x"
+        return TuneResult(study, [closest] if closest else [], None, False, msg, time.perf_counter() - start,
+                          tuner.space)
+    if pipe is None or not validation:
+        return TuneResult(study, cands, cands[0], False, "chosen on estimates (no model to validate on)",
+                          time.perf_counter() - start, tuner.space)
+    chosen = validate(pipe, cands, validation, budget, on_validate)
+    msg = ("fastest candidate whose measured PSNR met the budget on every validation run" if chosen else
+           "no candidate met the budget on the real model")
+    return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start, tuner.space)
