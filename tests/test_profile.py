@@ -12,16 +12,11 @@ from typer.testing import CliRunner
 
 from tiny import ARCHITECTURES, TinyPipeline
 from warpcache_cli.cli.app import app
-from warpcache_cli.models import Request, generate, load_model
+from warpcache_cli.models import Request, generate
 from warpcache_cli.profile import profile
 from warpcache_cli.trace import Trace
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return load_model("builtin")
 
 
 @pytest.fixture(scope="module")

@@ -118,18 +118,29 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
         )
     except Exception as exc:
+        detail = (str(exc).splitlines() or [""])[0]
         raise WarpcacheError(f"cannot open storage {redact(url)}: {type(exc).__name__}: "
-                             f"{redact(str(exc).splitlines()[0] if str(exc) else '')}") from None
+                             f"{scrub(detail, url)}") from None
+
+
+def _password(url: str) -> str | None:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).password
+    except Exception:
+        return None
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with the storage URL's password masked wherever it appears."""
+    secret = _password(url)
+    return text.replace(secret, "***") if secret else text
 
 
 def redact(url: str) -> str:
     """A storage URL with its password masked, for messages and reports."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+    return scrub(url, url)
 
 
 @dataclass
@@ -174,7 +185,9 @@ class Tuner:
             "est_drift": float(np.max(np.concatenate([r.drift for r in results]))),
         }
 
-    def objective(self, trial: optuna.Trial, pareto: bool) -> float | tuple[float, float]:
+    def objective(self, trial: optuna.Trial, pareto: bool, total: int) -> float | tuple[float, float]:
+        if len(trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) >= total:
+            raise optuna.TrialPruned("another worker completed the study's last trial")
         est = self.evaluate(self.space.config(trial))
         for k, v in est.items():
             trial.set_user_attr(k, v)
@@ -209,7 +222,7 @@ class Tuner:
             if on_trial:
                 on_trial(len(study.get_trials(deepcopy=False, states=complete)))
 
-        study.optimize(lambda t: self.objective(t, pareto), n_trials=trials, timeout=timeout,
+        study.optimize(lambda t: self.objective(t, pareto, trials), n_trials=trials, timeout=timeout,
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=complete), callback],
                        gc_after_trial=False)
         return study
@@ -225,13 +238,18 @@ class Tuner:
 
     def closest(self, study: optuna.Study) -> Candidate | None:
         """The trial that missed the budget by the least, to report when none met it."""
-        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        done = self._skipping(study)
         return self._candidate(min(done, key=lambda t: t.user_attrs["constraint"])) if done else None
+
+    @staticmethod
+    def _skipping(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """Complete trials that skip any work: a config that reuses nothing meets every budget and is no answer."""
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return [t for t in done if t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
 
     def candidates(self, study: optuna.Study, k: int, margin_db: float = 0.75) -> list[Candidate]:
         """Up to k feasible configs: the fastest, then ones trading speed for more PSNR headroom."""
-        feasible = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                    if t.user_attrs.get("constraint", 1.0) <= 0.0]
+        feasible = [t for t in self._skipping(study) if t.user_attrs["constraint"] <= 0.0]
         feasible.sort(key=lambda t: -t.user_attrs["est_speedup"])
         picked: list[optuna.trial.FrozenTrial] = []
         for t in feasible:

@@ -1,0 +1,93 @@
+"""Replay: same decisions as the live runtime, budgets and the CI gate."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from conftest import PROMPTS, STEPS
+from typer.testing import CliRunner
+
+import warpcache_cli as wc
+from warpcache_cli.cli.app import app
+from warpcache_cli.models import Request, generate
+from warpcache_cli.policy import Action
+from warpcache_cli.profile import calibration_configs
+from warpcache_cli.replay import Replayer
+
+runner = CliRunner()
+
+
+def _config(trace, which: int) -> wc.Config:
+    return calibration_configs(trace, 4, wc.Config.default())[which]
+
+
+@pytest.mark.parametrize("which", [1, 3])
+def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
+    cfg = _config(small_trace, which)
+    session = wc.apply(builtin, cfg)
+    generate(builtin, Request(PROMPTS[0], 0, STEPS))
+    wc.remove(builtin)
+    live = session.stats.decisions  # execution order: step, branch, block
+    actions = Replayer(small_trace).decisions(cfg.policy)[0][0]  # run 0: (branch, step, layer)
+    branches = small_trace.meta["branches"]
+    agree = [actions[branches.index(d.branch), d.step, d.layer] == d.action for d in live]
+    first_reuse = next(i for i, d in enumerate(live) if d.action != Action.RECOMPUTE)
+    # on the reference trajectory (up to and including the first reuse) decisions are identical
+    assert all(agree[: first_reuse + 1])
+    print(f"agreement after the first reuse: {np.mean(agree[first_reuse + 1:]):.1%}")
+    assert len(live) == actions.size
+
+
+def test_replay_estimates_order_configs_like_the_calibration(small_trace):
+    r = Replayer(small_trace)
+    assert r.quality is not None and r.quality.b < 0  # more injected error, lower PSNR
+    results = [r.run(c.policy) for c in calibration_configs(small_trace, 4, wc.Config.default())]
+    speed = [float(x.speedup[0]) for x in results]
+    psnr = [float(x.psnr[0]) for x in results]
+    assert speed == sorted(speed) and psnr == sorted(psnr, reverse=True)
+
+
+def test_never_reuse_replays_as_full_compute(small_trace):
+    res = Replayer(small_trace).run(wc.Config.default().with_policy(warm_up_steps=1000).policy)
+    assert (res.actions == Action.RECOMPUTE).all() and np.allclose(res.speedup, 1.0)
+    assert np.isinf(res.psnr).all() and (res.error == 0).all()
+
+
+def _save_cfg(tmp_path, cfg):
+    return str(cfg.save(tmp_path / "c.json"))
+
+
+def test_gate_passes_and_fails_with_exit_codes(small_trace, tmp_path):
+    cfg = _save_cfg(tmp_path, _config(small_trace, 2))
+    est = Replayer(small_trace).run(wc.Config.load(cfg).policy)
+    low = float(est.psnr.min())
+    ok = runner.invoke(app, ["replay", str(small_trace.path), "--config", cfg, "--min-psnr", f"{low - 1:.2f}",
+                             "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["overall"]["within_budget"] is True
+    junit = tmp_path / "r.xml"
+    bad = runner.invoke(app, ["replay", str(small_trace.path), "--config", cfg, "--min-psnr", f"{low + 2:.2f}",
+                              "--junit", str(junit)])
+    assert bad.exit_code == 1
+    assert "PSNR" in bad.stderr and "under the" in bad.stderr and "dB budget" in bad.stderr
+    root = ET.parse(junit).getroot()
+    assert root.get("tests") == "2" and int(root.get("failures")) >= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min-psnr", "-3"], "--min-psnr"),
+    (["--min-speedup", "0"], "--min-speedup"),
+    (["--preset", "nope"], "nope"),
+])
+def test_bad_budgets_and_configs_exit_2(small_trace, args, message):
+    res = runner.invoke(app, ["replay", str(small_trace.path), *args])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_config_for_another_model_is_refused(small_trace, tmp_path):
+    cfg = wc.Config.from_dict({**_config(small_trace, 1).to_dict(), "upstream": "some/other-model"})
+    res = runner.invoke(app, ["replay", str(small_trace.path), "--config", _save_cfg(tmp_path, cfg)])
+    assert res.exit_code == 2 and "some/other-model" in res.stderr and "builtin" in res.stderr

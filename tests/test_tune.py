@@ -1,0 +1,134 @@
+"""Tuning: configs that meet the budget, storage sharing and resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+import warpcache_cli as wc
+from warpcache_cli.budget import Budget
+from warpcache_cli.cli.app import app
+from warpcache_cli.replay import replay
+from warpcache_cli.tune import tune
+
+runner = CliRunner()
+
+
+def test_tuned_config_meets_the_budget_on_the_trace(small_trace):
+    result = tune([small_trace], Budget(min_psnr=28.0), trials=80, seed=1)
+    best = result.chosen
+    assert best is not None and best.est_psnr >= 28.0 and best.est_speedup > 1.0
+    est = replay(small_trace, best.config)
+    assert float(est.psnr.min()) >= 28.0 - 1e-9
+    assert best.config.upstream == "builtin"
+
+
+def test_same_seed_same_search(small_trace):
+    a = tune([small_trace], Budget(min_psnr=28.0), trials=30, seed=3).chosen
+    b = tune([small_trace], Budget(min_psnr=28.0), trials=30, seed=3).chosen
+    assert a.config == b.config
+
+
+def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--min-psnr", "28", "--trials", "60", "--no-validate",
+                              "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "warpcache-tune-report.json").read_text())
+    assert report["chosen"]["est_psnr"] >= 28
+    cfg = wc.Config.load(tmp_path / "warpcache-config.json")
+    assert runner.invoke(app, ["replay", str(small_trace.path), "--config", str(tmp_path / "warpcache-config.json"),
+                               "--min-psnr", "28"]).exit_code == 0
+    prof = json.loads((tmp_path / "warpcache-sensitivity.json").read_text())
+    assert len(prof["blocks"]) == 6 and {"sensitivity", "drift", "warp_helps"} <= set(prof["blocks"][0])
+    assert (tmp_path / "warpcache-sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert cfg.policy.token_subset == small_trace.meta["token_subset"]
+
+
+def test_impossible_budget_says_so_and_reports_the_closest(small_trace, tmp_path):
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--min-psnr", "99", "--trials", "30", "--no-validate",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "no config meets the budget" in res.stderr and "closest found" in res.stderr
+    assert not (tmp_path / "warpcache-config.json").exists()
+    assert json.loads((tmp_path / "warpcache-tune-report.json").read_text())["candidates"]
+
+
+def _worker(trace, db, trials, name="s"):
+    return subprocess.Popen(
+        [sys.executable, "-m", "warpcache_cli", "tune", str(trace.path), "--min-psnr", "28", "--trials", str(trials),
+         "--no-validate", "--storage", f"sqlite:///{db}", "--study-name", name, "--out", str(db.parent), "--json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _complete(db, name="s"):
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), study.get_trials()
+
+
+def test_two_workers_share_one_study(small_trace, tmp_path):
+    db = tmp_path / "t.db"
+    runner.invoke(app, ["tune", str(small_trace.path), "--trials", "1", "--no-validate", "--storage",
+                        f"sqlite:///{db}", "--study-name", "s", "--out", str(tmp_path)])  # create the study once
+    workers = [_worker(small_trace, db, 60) for _ in range(2)]
+    for w in workers:
+        assert w.wait(timeout=300) == 0, w.stderr.read().decode()
+    complete, all_trials = _complete(db)
+    assert 60 <= len(complete) <= 61  # two workers may finish their last trials at the same moment
+    assert len({t.number for t in all_trials}) == len(all_trials)
+    assert {t.state for t in all_trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+
+def test_killed_tune_resumes_without_losing_trials(small_trace, tmp_path):
+    db = tmp_path / "t.db"
+    w = _worker(small_trace, db, 150)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            if len(_complete(db)[0]) >= 10:
+                break
+        except KeyError:  # the worker has not created the study yet
+            continue
+    w.send_signal(signal.SIGKILL)
+    w.wait()
+    before = len(_complete(db)[0])
+    assert 10 <= before < 150
+    time.sleep(7)  # past the heartbeat grace period, so the killed worker's running trial counts as failed
+    w = _worker(small_trace, db, 150)
+    assert w.wait(timeout=300) == 0, w.stderr.read().decode()
+    complete, all_trials = _complete(db)
+    assert len(complete) == 150
+    failed = [t for t in all_trials if t.state == optuna.trial.TrialState.FAIL]
+    retried = [t for t in all_trials if "failed_trial" in t.system_attrs]
+    assert len(retried) == len(failed)  # the interrupted trial was run again, not lost
+
+
+def test_storage_errors_hide_the_password(small_trace, tmp_path):
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--no-validate", "--trials", "5", "--out", str(tmp_path),
+                              "--storage", "postgresql://alice:s3cret-pw@127.0.0.1:1/db"])
+    assert res.exit_code == 2 and "cannot open storage" in res.stderr
+    assert "s3cret-pw" not in res.output + res.stderr
+
+
+def test_study_with_another_search_space_is_refused(small_trace, tmp_path):
+    db = tmp_path / "o.db"
+    other = optuna.create_study(study_name="other", storage=f"sqlite:///{db}", direction="maximize")
+    other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--no-validate", "--trials", "5", "--out", str(tmp_path),
+                              "--storage", f"sqlite:///{db}", "--study-name", "other"])
+    assert res.exit_code == 2 and "different search space" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [(["--objective", "fastest"], "--objective"),
+                                          (["--min-psnr", "0"], "--min-psnr")])
+def test_bad_arguments_exit_2(small_trace, tmp_path, args, message):
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--no-validate", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2 and message in res.stderr
