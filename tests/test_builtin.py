@@ -19,7 +19,9 @@ from warpcache_cli.builtin.pipeline import BuiltinOutput, BuiltinPipeline, load_
 MIN_FOLLOW_FRACTION = 0.15
 
 
-def _load_script() -> ModuleType:
+@pytest.fixture(scope="module")
+def evaluate_builtin() -> ModuleType:
+    """scripts/ is not a package: load the evaluation script by path, as the lead runs it."""
     path = Path(__file__).parents[1] / "scripts" / "evaluate_builtin.py"
     spec = importlib.util.spec_from_file_location("evaluate_builtin", path)
     module = importlib.util.module_from_spec(spec)
@@ -109,14 +111,14 @@ def test_follows_prompt_accepts_ground_truth(speed: str, direction: str) -> None
         assert not clips.follows_prompt(video, f"a {colour} {shape} {wrong}")[0]
 
 
-def test_drift_records_cond_branch_once_per_step(pipe: BuiltinPipeline) -> None:
-    drift = _load_script().drift_curves(pipe, prompts=["a blue square static"], steps=3, guidance=4.0)
+def test_drift_records_cond_branch_once_per_step(pipe: BuiltinPipeline, evaluate_builtin: ModuleType) -> None:
+    drift = evaluate_builtin.drift_curves(pipe, prompts=["a blue square static"], steps=3, guidance=4.0)
     assert drift.shape == (len(pipe.transformer.blocks), 2)
     assert np.isfinite(drift).all() and (drift > 0).all()
 
 
-def test_prompt_following_on_a_small_sample(pipe: BuiltinPipeline) -> None:
-    result = _load_script().evaluate(pipe, n=6, steps=20, guidance=4.0)
+def test_prompt_following_on_a_small_sample(pipe: BuiltinPipeline, evaluate_builtin: ModuleType) -> None:
+    result = evaluate_builtin.evaluate(pipe, n=6, steps=20, guidance=4.0)
     speeds = [c["speed"] for c in result["clips"]]
     assert speeds.count("static") == 2 and len(speeds) == 6
     assert result["summary"]["overall"] >= MIN_FOLLOW_FRACTION, result["summary"]

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tiny import ARCHITECTURES, TinyPipeline
 from typer.testing import CliRunner
 
-from tiny import ARCHITECTURES, TinyPipeline
 from warpcache_cli.cli.app import app
 from warpcache_cli.models import Request, generate
 from warpcache_cli.profile import profile

@@ -42,31 +42,32 @@ def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: i
     """Recompute ceiling T and warp ceiling W (W <= T) for blocks at steps; arrays broadcast.
 
     Both fall as content motion grows; the floor keeps T from collapsing to zero on fast
-    content; the layer multiplier scales both for blocks the sensitivity profile singled out.
+    content; the layer multiplier scales both for blocks the sensitivity profile singled out
+    (a multiplier of 0 makes T negative: that block is never reused, whatever the drift).
     """
     decay = np.exp(-cfg.motion_scale * np.asarray(motion, dtype=np.float64))
-    scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * layer_multiplier(cfg, layer)
-    t = np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale
+    mult = layer_multiplier(cfg, layer)
+    scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * mult
+    t = np.where(mult == 0.0, -np.inf, np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale)
     no_warp = np.isin(layer, cfg.no_warp_layers) | (cfg.warp_threshold == 0.0)  # 0 switches warping off
     w = np.where(no_warp, t, np.minimum(cfg.warp_threshold * decay * scale, t))
     return t, w
 
 
-def choose(cfg: PolicyConfig, step: ArrayLike, layer: int | np.ndarray, drift: ArrayLike, t: ArrayLike,
-           w: ArrayLike, reuse_run: ArrayLike, has_cache: ArrayLike) -> np.ndarray:
+def choose(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, w: ArrayLike, reuse_run: ArrayLike
+           ) -> np.ndarray:
     """Reuse when the input barely moved, warp when it moved a little, recompute otherwise.
 
-    `reuse_run` is how many steps in a row the block has already been served from cache;
-    `max_consecutive_reuse` bounds error accumulation whatever the drift says. Works on
-    scalars (the live hooks) and on arrays of blocks (the offline replay) alike.
+    `drift` is +inf where no usable cache exists; `reuse_run` is how many steps in a row the
+    block has already been served from cache, and `max_consecutive_reuse` bounds error
+    accumulation whatever the drift says. Works on scalars (the live hooks) and on arrays of
+    blocks (the offline replay) alike.
     """
-    forced = (
-        np.logical_not(has_cache)
-        | (np.asarray(step) < cfg.warm_up_steps)
-        | (np.asarray(reuse_run) >= cfg.max_consecutive_reuse)
-        | (layer_multiplier(cfg, layer) == 0.0)
-    )
-    return np.where(forced | (drift > t), Action.RECOMPUTE, np.where(drift <= w, Action.REUSE, Action.WARP))
+    if step < cfg.warm_up_steps:
+        return np.full(np.shape(drift), Action.RECOMPUTE, dtype=np.int8)
+    recompute = (drift > t) | (reuse_run >= cfg.max_consecutive_reuse)
+    return np.where(recompute, np.int8(Action.RECOMPUTE), np.where(drift <= w, np.int8(Action.REUSE),
+                                                                   np.int8(Action.WARP)))
 
 
 def decide(
@@ -82,7 +83,7 @@ def decide(
 ) -> Action:
     """One block at one step: the live runtime's entry point to `ceilings` and `choose`."""
     t, w = ceilings(cfg, motion, position, layer)
-    return Action(int(choose(cfg, step, layer, drift, t, w, reuse_run, has_cache)))
+    return Action(int(choose(cfg, step, drift if has_cache else np.inf, t, w, reuse_run)))
 
 
 def token_subset(n_tokens: int, k: int, seed: int) -> torch.Tensor:

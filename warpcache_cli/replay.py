@@ -74,39 +74,51 @@ class Replayer:
         self.quality = self._calibrate()
 
     def drift_table(self, policy: PolicyConfig) -> np.ndarray:
+        """(S, R, Br, L, G + 2): column g is the drift against g steps back; column G + 1 is +inf (no cache)."""
         v = drift_variant(policy.drift_metric, policy.saliency_power)
         if v not in self._drift:
-            d = np.asarray(self._raw_drift[..., v], np.float64)
-            self._drift[v] = np.moveaxis(np.nan_to_num(d, nan=np.inf), 2, 0)  # (S, R, Br, L, G)
+            d = np.nan_to_num(np.asarray(self._raw_drift[..., v], np.float64), nan=np.inf)
+            pad = np.full((*d.shape[:-1], 1), np.inf)
+            self._drift[v] = np.ascontiguousarray(np.moveaxis(np.concatenate([pad, d, pad], -1), 2, 0))
         return self._drift[v]
 
     def decisions(self, policy: PolicyConfig, runs: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions, drift seen and lag used, each (R, Br, S, L), as the live hooks would decide."""
+        """Actions, drift seen and lag used, each (R, Br, S, L), as the live hooks would decide.
+
+        All runs, branches and blocks advance together, one step at a time, so a replay costs a
+        few dozen array operations per step whatever the model's size.
+        """
         table = self.drift_table(policy)[:, runs]
-        r, br, lyr = table.shape[1], table.shape[2], table.shape[3]
+        _, r, br, lyr, width = table.shape
+        flat = table.reshape(self.steps, r * br * lyr, width)
+        rows = np.arange(r * br * lyr)
         t_all, w_all = ceilings(policy, self.motion[runs, :, None, None], self.position[runs, :, None, None],
                                 self.layers)  # (R, S, 1, L)
-        last = np.full((r, br, lyr), -1)
-        run_len = np.zeros((r, br, lyr), dtype=np.int64)
-        actions = np.empty((r, br, self.steps, lyr), dtype=np.int8)
-        seen = np.empty((r, br, self.steps, lyr))
-        lags = np.zeros((r, br, self.steps, lyr), dtype=np.int64)
+        t_all = np.broadcast_to(np.moveaxis(t_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
+        w_all = np.broadcast_to(np.moveaxis(w_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
+        last = np.full(r * br * lyr, -(10**6))
+        run_len = np.zeros(r * br * lyr, dtype=np.int64)
+        actions = np.empty((self.steps, r * br * lyr), dtype=np.int8)
+        seen = np.empty((self.steps, r * br * lyr))
+        lags = np.empty((self.steps, r * br * lyr), dtype=np.int64)
         for s in range(self.steps):
-            lag = s - last
-            has = (last >= 0) & (lag <= self.lags)
-            idx = np.clip(lag - 1, 0, self.lags - 1)[..., None]
-            d = np.where(has, np.take_along_axis(table[s], idx, axis=-1)[..., 0], np.inf)
-            a = choose(policy, s, self.layers, d, t_all[:, s], w_all[:, s], run_len, has)
+            lag = np.minimum(s - last, width - 1)
+            d = flat[s, rows, lag]
+            a = choose(policy, s, d, t_all[s], w_all[s], run_len)
             recompute = a == Action.RECOMPUTE
-            last = np.where(recompute, s, last)
-            run_len = np.where(recompute, 0, run_len + 1)
-            actions[:, :, s], seen[:, :, s], lags[:, :, s] = a, d, np.where(recompute, 0, lag)
-        return actions, seen, lags
+            last[recompute] = s
+            run_len += 1
+            run_len[recompute] = 0
+            actions[s], seen[s], lags[s] = a, d, lag
+        shape = (self.steps, r, br, lyr)
+        back = (1, 2, 0, 3)
+        return (actions.reshape(shape).transpose(back), seen.reshape(shape).transpose(back),
+                np.where(actions == Action.RECOMPUTE, 0, lags).reshape(shape).transpose(back))
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
         actions, seen, lags = self.decisions(policy, runs)
         reused = actions != Action.RECOMPUTE
-        idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]
+        idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
         err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
         err = np.where(actions == Action.WARP, err * self.warp_ratio[runs], err)
         err = np.where(reused, err, 0.0)
