@@ -1,0 +1,81 @@
+"""How well the replay's PSNR estimate tracks PSNR measured on the real model.
+
+    python benchmarks/estimate_accuracy.py sample_traces/*.safetensors --configs 20
+
+Configs span fast to quality (trials of an offline tune, spread over the estimated PSNR
+range). Each is replayed on the traces (estimate) and run live with the traces' prompts on
+seeds the traces did not record (measurement). Prints the mean absolute error (goal <= 1.5 dB)
+and Spearman's rank correlation (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+import warpcache_cli as wc
+from warpcache_cli import quality
+from warpcache_cli.budget import Budget
+from warpcache_cli.models import Request, generate, load_model
+from warpcache_cli.replay import Replayer
+from warpcache_cli.trace import Trace
+from warpcache_cli.tune import Tuner
+
+
+def spread_configs(tuner: Tuner, study: optuna.Study, n: int) -> list[wc.Config]:
+    """n trials whose estimated PSNR is spread evenly over the 20-45 dB range."""
+    done = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if 20 <= t.user_attrs["est_psnr"] <= 45 and t.user_attrs["est_speedup"] > 1.05]
+    done.sort(key=lambda t: t.user_attrs["est_psnr"])
+    picks = [done[int(i)] for i in np.linspace(0, len(done) - 1, n)]
+    return [tuner.space.config(optuna.trial.FixedTrial(t.params)) for t in picks]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument("--configs", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2001])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    traces = [Trace.load(p) for p in args.traces]
+    tuner = Tuner(traces, Budget(min_psnr=20.0))
+    study = tuner.search(400, seed=0)
+    configs = spread_configs(tuner, study, args.configs)
+    replayers = [Replayer(t) for t in traces]
+    pipe = load_model(traces[0].model)
+    requests = [Request(p, s, t.meta["steps"], t.meta["guidance"]) for t in traces for p in dict.fromkeys(
+        t.meta["prompts"]) for s in args.seeds]
+    refs = [generate(pipe, r) for r in requests]
+    est, meas = [], []
+    print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
+    for i, cfg in enumerate(configs):
+        e = np.mean([r.run(cfg.policy).psnr.mean() for r in replayers])
+        psnrs = []
+        for req, ref in zip(requests, refs):
+            wc.apply(pipe, cfg)
+            try:
+                psnrs.append(quality.psnr(generate(pipe, req), ref))
+            finally:
+                wc.remove(pipe)
+        m = float(np.mean(psnrs))
+        sp = np.mean([r.run(cfg.policy).speedup.mean() for r in replayers])
+        est.append(e)
+        meas.append(m)
+        print(f"{i:>6} {e:>9.2f} {m:>9.2f} {sp:>10.2f}x")
+    est_a, meas_a = np.array(est), np.array(meas)
+    print(f"{len(configs)} configs x {len(requests)} unprofiled requests: mean absolute error "
+          f"{np.mean(np.abs(est_a - meas_a)):.2f} dB, Spearman rank correlation {spearman(est_a, meas_a):.3f}")
+
+
+if __name__ == "__main__":
+    main()
