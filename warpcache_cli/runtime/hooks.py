@@ -133,6 +133,8 @@ class BlockHook(ModelHook):
         state = s.block_state(self.layer)
         sketch = x[:, s.subset(x.shape[1], x.device)]
         usable = state.sketch is not None and state.sketch.shape == sketch.shape
+        if s.step.step < cfg.warm_up_steps:
+            usable = False  # a forced recompute: measuring drift would only cost time
         d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
         action = decide(
             cfg, step=s.step.step, layer=self.layer, drift=d, motion=s.motion,
@@ -166,13 +168,15 @@ class BlockHook(ModelHook):
                   sketch: torch.Tensor, x: torch.Tensor) -> None:
         """Store the new residuals in place of the old; a residual that does not fit means no reuse next time."""
         s = self.session
-        step = s.step.step
+        step, p, grid = s.step.step, s.config.policy, s.grid
+        needed = step + 1 >= p.warm_up_steps  # could the next step reuse this at all?
         fits = True
         for k, (old, r) in enumerate(zip(old_keys, residuals)):
             s.store.delete(old)
-            fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
-        grid = s.grid
-        warpable = grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
+            if needed:
+                fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
+        warpable = (needed and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
+                    and p.warp_threshold > 0 and self.layer not in p.no_warp_layers)
         state.sketch = sketch.detach() if fits else None
         state.frame_map, state.direction = motion.frame_maps(x, grid) if warpable and fits else (None, None)
         state.computed_step = step
