@@ -85,9 +85,10 @@ class Recorder:
             "reuse_err": np.full(g, np.nan, np.float32),
             "x_norm": float(x.float().norm()),
             "r_norm": float(r.float().norm()),
-            "sketch_in": xs[:, : self.sketch_tokens].half().cpu(),
-            "sketch_res": rs[:, : self.sketch_tokens].half().cpu(),
         }
+        if self.sketch_tokens:
+            row["sketch_in"] = xs[:, : self.sketch_tokens].half().cpu()
+            row["sketch_res"] = rs[:, : self.sketch_tokens].half().cpu()
         if past.sketches:
             old_x = torch.stack([s[0] for s in reversed(past.sketches)])  # (lags, B, K, C), lag 1 first
             old_r = torch.stack([s[1] for s in reversed(past.sketches)])
@@ -139,7 +140,7 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
         "motion": np.zeros((runs, steps), np.float32),
         "reference": np.stack(references).astype(np.float16),
     }
-    sketches: dict[str, list] = {"sketch_in": [], "sketch_res": []}
+    sketches: dict[str, list] = {"sketch_in": [], "sketch_res": []} if recorders[0].sketch_tokens else {}
     for r, rec in enumerate(recorders):
         for s, (t, pos, m) in rec.steps.items():
             arrays["timestep"][r, s], arrays["position"][r, s], arrays["motion"][r, s] = t, pos, m

@@ -48,8 +48,11 @@ def profile_command(
     width: Annotated[int | None, typer.Option(min=8)] = None,
     guidance: float = 4.0,
     tokens: Annotated[int, typer.Option(min=8, help="token subset for drift (the policy's token_subset)")] = 256,
-    sketch_tokens: Annotated[int, typer.Option(min=1, help="tokens kept as float16 sketches")] = DEFAULT_SKETCH_TOKENS,
+    sketch_tokens: Annotated[
+        int, typer.Option(min=0, help="tokens kept as float16 sketches (0: none)")
+    ] = DEFAULT_SKETCH_TOKENS,
     lags: Annotated[int, typer.Option(min=1, max=64, help="look-back steps recorded for drift")] = DEFAULT_LAGS,
+    calibrate: Annotated[int, typer.Option(min=0, help="live cached runs that calibrate the quality estimate")] = 4,
     device: str = "cpu",
     dtype: str = "float32",
     out: Annotated[Path, typer.Option(help="trace file to write")] = Path("trace.safetensors"),
@@ -61,19 +64,40 @@ def profile_command(
     """
     prompts = read_prompts(prompt, prompts_file)
     requests = [Request(p, s, steps, guidance, frames, height, width) for p in prompts for s in parse_seeds(seeds)]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=json_out) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=json_out,
+    ) as progress:
         load = progress.add_task("loading model", total=None)
         pipe = load_model(model, device, dtype)
         progress.remove_task(load)
-        bars = [progress.add_task(f"run {i + 1}/{len(requests)}: {r.prompt} (seed {r.seed})", total=steps)
-                for i, r in enumerate(requests)]
-        trace = profile(pipe, requests, model_id=model, tokens=tokens, sketch_tokens=sketch_tokens, lags=lags,
-                        dtype=dtype, on_progress=lambda run, step: progress.update(bars[run], completed=step + 1))
+        bars = [
+            progress.add_task(f"run {i + 1}/{len(requests)}: {r.prompt} (seed {r.seed})", total=steps)
+            for i, r in enumerate(requests)
+        ]
+        trace = profile(
+            pipe,
+            requests,
+            model_id=model,
+            tokens=tokens,
+            sketch_tokens=sketch_tokens,
+            lags=lags,
+            dtype=dtype,
+            calibrate=calibrate,
+            on_progress=lambda run, step: progress.update(bars[run], completed=step + 1),
+        )
     trace.save(out)
     info = trace.info()
     if json_out:
         print_json(info)
         return
-    table(f"trace {out}", ["runs", "branches", "steps", "blocks", "size"],
-          [[info["runs"], ",".join(info["branches"]), info["steps"], info["blocks"], f"{info['bytes'] / 1e6:.2f} MB"]])
+    table(
+        f"trace {out}",
+        ["runs", "branches", "steps", "blocks", "size"],
+        [[info["runs"], ",".join(info["branches"]), info["steps"], info["blocks"], f"{info['bytes'] / 1e6:.2f} MB"]],
+    )
