@@ -29,15 +29,6 @@ def evaluate_builtin() -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Keep CPU use small and results bit-reproducible (intra-op threads only add contention here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe() -> BuiltinPipeline:
     return load_builtin()

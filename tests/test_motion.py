@@ -15,15 +15,6 @@ FAST = settings(max_examples=25, deadline=None)
 Centres = list[tuple[float, float, float]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (50x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def blobs(n: int, centres: Centres, sigma: float, dx: float = 0.0, dy: float = 0.0) -> torch.Tensor:
     """A sum of Gaussians on an n x n grid, analytically moved by (dx, dy) cells: exact fractional shifts."""
     ys = torch.arange(n, dtype=torch.float32)[:, None, None]

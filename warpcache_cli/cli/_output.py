@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # wide enough for tables when piped (CI logs), the terminal's own width otherwise
@@ -37,3 +38,17 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for r in rows:
         t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r])
     console.print(t)
+
+
+def progress(quiet: bool) -> Progress:
+    """The progress display every long command shows on stderr (off with --json)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    )

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from warpcache_cli.cli._errors import handle_errors
-from warpcache_cli.cli._output import err_console, print_json, table
+from warpcache_cli.cli._output import print_json, table
 from warpcache_cli.cli.run_cmd import ModelArg
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, load_model
@@ -64,20 +63,12 @@ def profile_command(
     """
     prompts = read_prompts(prompt, prompts_file)
     requests = [Request(p, s, steps, guidance, frames, height, width) for p in prompts for s in parse_seeds(seeds)]
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=json_out,
-    ) as progress:
-        load = progress.add_task("loading model", total=None)
+    with progress(json_out) as bar:
+        load = bar.add_task("loading model", total=None)
         pipe = load_model(model, device, dtype)
-        progress.remove_task(load)
+        bar.remove_task(load)
         bars = [
-            progress.add_task(f"run {i + 1}/{len(requests)}: {r.prompt} (seed {r.seed})", total=steps)
+            bar.add_task(f"run {i + 1}/{len(requests)}: {r.prompt} (seed {r.seed})", total=steps)
             for i, r in enumerate(requests)
         ]
         trace = profile(
@@ -89,7 +80,7 @@ def profile_command(
             lags=lags,
             dtype=dtype,
             calibrate=calibrate,
-            on_progress=lambda run, step: progress.update(bars[run], completed=step + 1),
+            on_progress=lambda run, step: bar.update(bars[run], completed=step + 1),
         )
     trace.save(out)
     info = trace.info()

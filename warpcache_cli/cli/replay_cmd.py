@@ -39,19 +39,29 @@ def _rows(path: Path, trace: Trace, result: ReplayResult) -> list[dict[str, Any]
     rows = []
     for r in range(trace.shape[0]):
         a = result.actions[r]
-        rows.append({
-            "trace": str(path), "run": r, "prompt": trace.meta["prompts"][r], "seed": trace.meta["seeds"][r],
-            "recompute": int((a == Action.RECOMPUTE).sum()), "reuse": int((a == Action.REUSE).sum()),
-            "warp": int((a == Action.WARP).sum()), "compute_fraction": float((a == Action.RECOMPUTE).mean()),
-            "est_speedup": float(result.speedup[r]), "est_psnr": float(result.psnr[r]),
-            "est_ssim": float(result.ssim[r]), "drift": float(result.drift[r]),
-        })
+        rows.append(
+            {
+                "trace": str(path),
+                "run": r,
+                "prompt": trace.meta["prompts"][r],
+                "seed": trace.meta["seeds"][r],
+                "recompute": int((a == Action.RECOMPUTE).sum()),
+                "reuse": int((a == Action.REUSE).sum()),
+                "warp": int((a == Action.WARP).sum()),
+                "compute_fraction": float((a == Action.RECOMPUTE).mean()),
+                "est_speedup": float(result.speedup[r]),
+                "est_psnr": float(result.psnr[r]),
+                "est_ssim": float(result.ssim[r]),
+                "drift": float(result.drift[r]),
+            }
+        )
     return rows
 
 
 def write_junit(path: Path, rows: list[dict[str, Any]], failures: dict[int, list[str]]) -> None:
-    suite = ET.Element("testsuite", name="warpcache replay", tests=str(len(rows)),
-                       failures=str(sum(1 for f in failures.values() if f)))
+    suite = ET.Element(
+        "testsuite", name="warpcache replay", tests=str(len(rows)), failures=str(sum(1 for f in failures.values() if f))
+    )
     for i, row in enumerate(rows):
         case = ET.SubElement(suite, "testcase", classname=row["trace"], name=f"run {row['run']}: {row['prompt']}")
         for message in failures.get(i, []):
@@ -98,12 +108,28 @@ def replay_command(
     if json_out:
         print_json({"runs": rows, "overall": overall})
     else:
-        table("warpcache replay (estimates)", ["trace", "run", "prompt", "seed", "compute", "est speedup",
-                                               "est PSNR dB", "est SSIM", "drift"],
-              [[Path(r["trace"]).name, r["run"], r["prompt"], r["seed"], f"{r['compute_fraction']:.0%}",
-                f"{r['est_speedup']:.2f}x", r["est_psnr"], r["est_ssim"], r["drift"]] for r in rows])
-        console.print(f"overall: {overall['runs']} runs, mean est speedup {overall['est_speedup']:.2f}x, "
-                      f"min est PSNR {overall['min_est_psnr']:.2f} dB, max drift {overall['max_drift']:.4g}")
+        table(
+            "warpcache replay (estimates)",
+            ["trace", "run", "prompt", "seed", "compute", "est speedup", "est PSNR dB", "est SSIM", "drift"],
+            [
+                [
+                    Path(r["trace"]).name,
+                    r["run"],
+                    r["prompt"],
+                    r["seed"],
+                    f"{r['compute_fraction']:.0%}",
+                    f"{r['est_speedup']:.2f}x",
+                    r["est_psnr"],
+                    r["est_ssim"],
+                    r["drift"],
+                ]
+                for r in rows
+            ],
+        )
+        console.print(
+            f"overall: {overall['runs']} runs, mean est speedup {overall['est_speedup']:.2f}x, "
+            f"min est PSNR {overall['min_est_psnr']:.2f} dB, max drift {overall['max_drift']:.4g}"
+        )
         if show_map:
             for path, actions in maps:
                 console.print(decision_map(actions, f"{Path(path).name} run 0, branch 0"))

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from warpcache_cli.cli._errors import handle_errors
-from warpcache_cli.cli._output import err_console, print_json, table
+from warpcache_cli.cli._output import print_json, table
 from warpcache_cli.config import Config, load_config
 from warpcache_cli.errors import ConfigError
 from warpcache_cli.measure import measure
@@ -50,12 +49,11 @@ def run(
     cfg = resolve_config(config, preset)
     check_video_path(out)
     req = Request(prompt, seed, steps, guidance, frames, height, width)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=json_out) as progress:
-        task = progress.add_task("loading model", total=None)
+    with progress(json_out) as bar:
+        task = bar.add_task("loading model", total=None)
         pipe = load_model(model, device, dtype)
-        progress.update(task, description=f"running uncached and cached x{repeats}")
-        result = measure(pipe, cfg, req, repeats, tick=lambda: progress.advance(task))
+        bar.update(task, description=f"running uncached and cached x{repeats}")
+        result = measure(pipe, cfg, req, repeats, tick=lambda: bar.advance(task))
     write_video(out, result.frames, upscale=max(1, 256 // result.frames.shape[1]))
     data = {"model": model, **result.to_dict(), "out": str(out)}
     if json_out:

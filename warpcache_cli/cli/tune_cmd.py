@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from warpcache_cli import sensitivity
 from warpcache_cli.atomic import write_text
@@ -33,8 +32,11 @@ def validation_requests(trace: Trace, seeds: list[int] | None) -> list[Request]:
         top = max(m["seeds"])
         seeds = [top + 1001, top + 1002]
     shape = m.get("request", {})
-    return [Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
-            for p in dict.fromkeys(m["prompts"]) for s in seeds]
+    return [
+        Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
+        for p in dict.fromkeys(m["prompts"])
+        for s in seeds
+    ]
 
 
 def _report(result: TuneResult, budget: Budget, storage: str | None, outputs: dict[str, str]) -> dict[str, Any]:
@@ -93,21 +95,33 @@ def tune_command(
                 raise
             err_console.print(f"[yellow]not validating: the trace's model cannot be loaded here ({exc})")
         requests = validation_requests(loaded[0], parse_seeds(validation_seeds) if validation_seeds else None)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=json_out) as progress:
-        search = progress.add_task("searching (offline replay)", total=trials)
-        check = progress.add_task("validating on the model", total=len(requests) * (1 + top_k), visible=False)
+    with progress(json_out) as bar:
+        search = bar.add_task("searching (offline replay)", total=trials)
+        check = bar.add_task("validating on the model", total=len(requests) * (1 + top_k), visible=False)
 
         def on_validate() -> None:
-            progress.update(check, visible=True, advance=1)
+            bar.update(check, visible=True, advance=1)
 
-        result = tune(loaded, budget, trials=trials, timeout=timeout, seed=seed, storage=storage,
-                      study_name=study_name, pareto=objective == "pareto", pipe=pipe, validation=requests,
-                      top_k=top_k, on_trial=lambda n: progress.update(search, completed=n),
-                      on_validate=on_validate)
+        result = tune(
+            loaded,
+            budget,
+            trials=trials,
+            timeout=timeout,
+            seed=seed,
+            storage=storage,
+            study_name=study_name,
+            pareto=objective == "pareto",
+            pipe=pipe,
+            validation=requests,
+            top_k=top_k,
+            on_trial=lambda n: bar.update(search, completed=n),
+            on_validate=on_validate,
+        )
     profile = sensitivity.sensitivity(loaded[0])
-    outputs = {"sensitivity": str(sensitivity.save(profile, out / SENSITIVITY_NAME)),
-               "heatmap": str(sensitivity.heatmap(loaded[0], out / HEATMAP_NAME))}
+    outputs = {
+        "sensitivity": str(sensitivity.save(profile, out / SENSITIVITY_NAME)),
+        "heatmap": str(sensitivity.heatmap(loaded[0], out / HEATMAP_NAME)),
+    }
     if result.chosen is not None:
         outputs["config"] = str(result.chosen.config.save(out / CONFIG_NAME))
     report = _report(result, budget, storage, outputs)
@@ -115,11 +129,22 @@ def tune_command(
     if json_out:
         print_json(report)
     else:
-        rows = [[c.trial, f"{c.est_speedup:.2f}x", c.est_psnr,
-                 f"{c.measured_speedup:.2f}x" if c.measured else "-", c.measured_psnr if c.measured else "-",
-                 "chosen" if c is result.chosen else ""] for c in result.candidates]
-        table(f"warpcache tune: {report['trials']} trials in {result.seconds:.1f} s, budget PSNR >= {min_psnr} dB",
-              ["trial", "est speedup", "est PSNR dB", "measured speedup", "measured min PSNR dB", ""], rows)
+        rows = [
+            [
+                c.trial,
+                f"{c.est_speedup:.2f}x",
+                c.est_psnr,
+                f"{c.measured_speedup:.2f}x" if c.measured else "-",
+                c.measured_psnr if c.measured else "-",
+                "chosen" if c is result.chosen else "",
+            ]
+            for c in result.candidates
+        ]
+        table(
+            f"warpcache tune: {report['trials']} trials in {result.seconds:.1f} s, budget PSNR >= {min_psnr} dB",
+            ["trial", "est speedup", "est PSNR dB", "measured speedup", "measured min PSNR dB", ""],
+            rows,
+        )
         console.print(result.message)
         for name, path in outputs.items():
             console.print(f"wrote {name}: {path}")
