@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from warpcache_cli.cli._errors import handle_errors
-from warpcache_cli.cli._output import print_json, table
+from warpcache_cli.cli._output import print_json, progress, table
 from warpcache_cli.cli.run_cmd import ModelArg
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, load_model

@@ -12,7 +12,7 @@ from warpcache_cli import sensitivity
 from warpcache_cli.atomic import write_text
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli._errors import handle_errors
-from warpcache_cli.cli._output import console, err_console, print_json, table
+from warpcache_cli.cli._output import console, err_console, print_json, progress, table
 from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
 from warpcache_cli.models import Request, load_model
