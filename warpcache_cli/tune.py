@@ -247,7 +247,7 @@ class Tuner:
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return [t for t in done if t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
 
-    def candidates(self, study: optuna.Study, k: int, margin_db: float = 0.75) -> list[Candidate]:
+    def candidates(self, study: optuna.Study, k: int, margin_db: float = 1.0) -> list[Candidate]:
         """Up to k feasible configs: the fastest, then ones trading speed for more PSNR headroom."""
         feasible = [t for t in self._skipping(study) if t.user_attrs["constraint"] <= 0.0]
         feasible.sort(key=lambda t: -t.user_attrs["est_speedup"])
@@ -303,7 +303,7 @@ def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], bu
 
 def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: float | None = None, seed: int = 0,
          storage: str | None = None, study_name: str | None = None, pareto: bool = False,
-         pipe: Any = None, validation: list[Request] | None = None, top_k: int = 4,
+         pipe: Any = None, validation: list[Request] | None = None, top_k: int = 5,
          base: Config | None = None, on_trial: Callable[[int], None] | None = None,
          on_validate: Callable[[], None] | None = None) -> TuneResult:
     start = time.perf_counter()

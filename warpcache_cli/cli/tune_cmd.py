@@ -69,7 +69,7 @@ def tune_command(
     model: Annotated[str | None, typer.Option(help="model to validate on (default: the trace's)")] = None,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 4,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 5,
     device: str = "cpu",
     dtype: str = "float32",
     out: Annotated[Path, typer.Option(help="folder for the config, sensitivity profile and report")] = Path("."),
