@@ -54,8 +54,18 @@ class Recorder:
         self.branches: list[str] = []
         self.rows: dict[tuple[int, int, int], dict[str, Any]] = {}
         self.steps: dict[int, tuple[float, float, float]] = {}
+        self.call_seconds: dict[tuple[int, int], float] = {}  # (branch, step) -> wall time of the whole call
         self._past: dict[tuple[str, int], _Past] = {}
         self.token_subset = torch.zeros(0, dtype=torch.long)
+
+    def on_call(self, session: CacheSession, seconds: float) -> None:
+        """One whole transformer call (blocks plus everything around them) took `seconds`."""
+        if session.step is not None and session.branch in self.branches:
+            self.call_seconds[(self.branches.index(session.branch), session.step.step)] = seconds
+
+    def close(self) -> None:
+        """Drop the previous step's full tensors once the generation is over: the rows are all a trace needs."""
+        self._past.clear()
 
     def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
                  seconds: float, decision: Decision) -> None:
@@ -117,7 +127,7 @@ class Recorder:
 
 
 def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_seconds: list[float],
-              call_seconds: list[dict[tuple[int, int], float]], lags: int) -> dict[str, np.ndarray]:
+              lags: int) -> dict[str, np.ndarray]:
     branches = recorders[0].branches
     steps = 1 + max(s for rec in recorders for s in rec.steps)
     layers = 1 + max(k[2] for rec in recorders for k in rec.rows)
@@ -144,7 +154,7 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
     for r, rec in enumerate(recorders):
         for s, (t, pos, m) in rec.steps.items():
             arrays["timestep"][r, s], arrays["position"][r, s], arrays["motion"][r, s] = t, pos, m
-        for (b, s), secs in call_seconds[r].items():
+        for (b, s), secs in rec.call_seconds.items():
             arrays["call_seconds"][r, b, s] = secs
         for (b, s, layer), row in rec.rows.items():
             for key, value in row.items():
@@ -159,9 +169,8 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
     return arrays
 
 
-def _call_timer(transformer: torch.nn.Module, session_ref: list[CacheSession | None],
-                out: dict[tuple[int, int], float], branches: list[str]) -> list[Any]:
-    """Forward pre/post hooks timing each whole transformer call (blocks plus everything around them)."""
+def call_timer(transformer: torch.nn.Module, on_call: Callable[[float], None]) -> list[Any]:
+    """Forward pre/post hooks timing each whole transformer call; returns the handles to remove."""
     start: list[float] = [0.0]
 
     def pre(module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
@@ -170,11 +179,39 @@ def _call_timer(transformer: torch.nn.Module, session_ref: list[CacheSession | N
     def post(module: torch.nn.Module, args: Any, output: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        s = session_ref[0]
-        if s is not None and s.step is not None and s.branch in branches:
-            out[(branches.index(s.branch), s.step.step)] = time.perf_counter() - start[0]
+        on_call(time.perf_counter() - start[0])
 
     return [transformer.register_forward_pre_hook(pre), transformer.register_forward_hook(post)]
+
+
+def build_trace(transformer: torch.nn.Module, session: CacheSession, recorders: list[Recorder],
+                references: list[np.ndarray], run_seconds: list[float], **meta: Any) -> Trace:
+    """One trace from recorded full-compute generations of one shape: `profile` and auto-profiling both use this.
+
+    `session` is the one that recorded them (its recording config, grid and block count); `meta` adds to the
+    metadata (model, prompts, seeds, ...).
+    """
+    first = recorders[0]
+    arrays = _assemble(recorders, references, run_seconds, first.lags)
+    arrays["token_subset"] = first.token_subset.numpy().astype(np.int64)
+    policy = session.config.policy
+    return Trace({
+        "model_class": type(transformer).__name__,
+        "model_config": _plain_config(transformer),
+        "steps": int(arrays["timestep"].shape[1]),
+        "grid": list(session.grid) if session.grid else None,
+        "device": str(next(transformer.parameters()).device),
+        "branches": first.branches,
+        "num_blocks": session.num_blocks,
+        "token_subset": policy.token_subset,
+        "token_seed": policy.token_seed,
+        "sketch_tokens": first.sketch_tokens,
+        "lags": first.lags,
+        "drift_variants": [list(v) for v in DRIFT_VARIANTS],
+        "package_version": warpcache_cli.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **meta,
+    }, arrays)
 
 
 def profile(
@@ -204,12 +241,11 @@ def profile(
     policy = base.with_policy(warm_up_steps=1000, token_subset=tokens or base.policy.token_subset,
                               token_seed=token_seed)
     transformer = runtime.find_transformer(pipe)
-    recorders, refs, run_secs, call_secs = [], [], [], []
+    recorders, refs, run_secs = [], [], []
     for i, req in enumerate(requests):
         rec = Recorder(lags, sketch_tokens, on_step=(lambda s, i=i: on_progress(i, s)) if on_progress else None)
-        calls: dict[tuple[int, int], float] = {}
         session = runtime.apply(pipe, policy, observer=rec)
-        handles = _call_timer(transformer, [session], calls, rec.branches)
+        handles = call_timer(transformer, lambda secs, rec=rec, session=session: rec.on_call(session, secs))
         try:
             start = time.perf_counter()
             frames = generate(pipe, req)
@@ -218,42 +254,25 @@ def profile(
             for h in handles:
                 h.remove()
             runtime.remove(pipe)
+        rec.close()
         recorders.append(rec)
         refs.append(frames)
-        call_secs.append(calls)
     start = time.perf_counter()
     generate(pipe, requests[0])
     plain_seconds = time.perf_counter() - start  # the unhooked run the estimated speedup is relative to
-    arrays = _assemble(recorders, refs, run_secs, call_secs, lags)
-    arrays["token_subset"] = recorders[0].token_subset.numpy().astype(np.int64)
     first = requests[0]
-    meta = {
-        "model": model_id,
-        "model_class": type(transformer).__name__,
-        "model_config": _plain_config(transformer),
-        "prompts": [r.prompt for r in requests],
-        "seeds": [r.seed for r in requests],
-        "steps": first.steps,
-        "guidance": first.guidance,
-        "resolution": {"frames": int(refs[0].shape[0]), "height": int(refs[0].shape[1]),
-                       "width": int(refs[0].shape[2])},
-        "request": {"frames": first.frames, "height": first.height, "width": first.width},
-        "grid": list(session.grid) if session.grid else None,
-        "dtype": dtype,
-        "device": str(next(transformer.parameters()).device),
-        "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
-        "branches": recorders[0].branches,
-        "num_blocks": session.num_blocks,
-        "token_subset": policy.policy.token_subset,
-        "token_seed": token_seed,
-        "sketch_tokens": sketch_tokens,
-        "lags": lags,
-        "drift_variants": [list(v) for v in DRIFT_VARIANTS],
-        "plain_seconds": plain_seconds,
-        "package_version": warpcache_cli.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    trace = Trace(meta, arrays)
+    trace = build_trace(
+        transformer, session, recorders, refs, run_secs,
+        model=model_id,
+        prompts=[r.prompt for r in requests],
+        seeds=[r.seed for r in requests],
+        guidance=first.guidance,
+        resolution={"frames": int(refs[0].shape[0]), "height": int(refs[0].shape[1]), "width": int(refs[0].shape[2])},
+        request={"frames": first.frames, "height": first.height, "width": first.width},
+        dtype=dtype,
+        scheduler=type(getattr(pipe, "scheduler", None)).__name__,
+        plain_seconds=plain_seconds,
+    )
     if calibrate:
         trace.meta["calibration"] = _calibration(pipe, requests[0], trace, refs[0], calibrate, policy)
     return trace

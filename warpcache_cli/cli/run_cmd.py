@@ -9,6 +9,7 @@ import typer
 
 from warpcache_cli.cli._errors import handle_errors
 from warpcache_cli.cli._output import print_json, progress, table
+from warpcache_cli.cli.auto_run import run_auto
 from warpcache_cli.config import Config, load_config
 from warpcache_cli.errors import ConfigError
 from warpcache_cli.measure import measure
@@ -41,14 +42,22 @@ def run(
     repeats: Annotated[int, typer.Option(min=1, help="timed runs of each; the median is reported")] = 1,
     out: Annotated[Path, typer.Option(help="cached video to write (.mp4 or .gif)")] = Path("warpcache-run.gif"),
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="zero-config: profile, tune and switch while serving")] = False,
+    requests: Annotated[int | None, typer.Option(min=1, help="with --auto: requests, seeds seed, seed+1, ...")] = None,
 ) -> None:
     """Run MODEL uncached and cached with the same seed; print speedup, PSNR, SSIM; write the video.
 
     Example: warpcache run builtin --preset fast --prompt "a blue square moving left slow" --out clip.gif
+    Zero-config: warpcache run builtin --auto --requests 6 --steps 12
     """
     cfg = resolve_config(config, preset)
-    check_video_path(out)
     req = Request(prompt, seed, steps, guidance, frames, height, width)
+    if auto:
+        run_auto(model, cfg, req, requests or 4, device, dtype, json_out)
+        return
+    if requests is not None:
+        raise ConfigError("--requests needs --auto")
+    check_video_path(out)
     with progress(json_out) as bar:
         task = bar.add_task("loading model", total=None)
         pipe = load_model(model, device, dtype)

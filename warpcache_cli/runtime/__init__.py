@@ -22,11 +22,17 @@ def apply(pipe_or_transformer: Any, config: Config, observer: BlockObserver | No
     """Hook every transformer block so reused blocks are really skipped; returns the live session.
 
     Works on a diffusers pipeline (its `transformer`) or a bare transformer. Apply once;
-    call `remove` before applying another config.
+    call `remove` before applying another config. With `profiler.auto_profile` the session profiles,
+    tunes and switches policies by itself (`warpcache_cli.autoprofile`).
     """
     transformer = find_transformer(pipe_or_transformer)
     if getattr(transformer, _SESSION_ATTR, None) is not None:
         raise ModelError("warpcache is already applied to this transformer; call warpcache_cli.remove() first")
+    if config.profiler.auto_profile:
+        # imported here: auto-profiling builds on this module (profile, tune), not the other way round
+        from warpcache_cli.autoprofile import AutoProfiler, check_writable
+
+        check_writable(config.profiler.sensitivity_path)  # fail now, not after minutes of profiling
     blocks = find_blocks(transformer)
     session = CacheSession(config, len(blocks), observer)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -36,6 +42,8 @@ def apply(pipe_or_transformer: Any, config: Config, observer: BlockObserver | No
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
     registry.invalidate_child_registries_cache()
     setattr(transformer, _SESSION_ATTR, session)
+    if config.profiler.auto_profile:
+        session.controller = AutoProfiler(session, pipe_or_transformer)
     if session.metrics is not None and config.listen_addr:
         session.server = session.metrics.serve(config.listen_addr)
     return session
@@ -51,6 +59,8 @@ def remove(pipe_or_transformer: Any) -> CacheSession | None:
     session = getattr(transformer, _SESSION_ATTR, None)
     if session is None:
         return None
+    if session.controller is not None:
+        session.controller.detach()
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.remove_hook(HOOK_NAME, recurse=True)
     registry.invalidate_child_registries_cache()

@@ -49,6 +49,14 @@ class BlockObserver(Protocol):
                  seconds: float, decision: Decision) -> None: ...
 
 
+class GenerationController(Protocol):
+    """Sets the session's config and observer for each generation, at its start only (auto-profiling)."""
+
+    def on_generation(self, context: Any | None, grid: Grid | None) -> None: ...
+
+    def detach(self) -> None: ...
+
+
 @dataclass
 class RuntimeStats:
     counts: Counter = field(default_factory=Counter)
@@ -56,6 +64,7 @@ class RuntimeStats:
     peak_bytes: int = 0
     bytes_held: int = 0
     generations: int = 0
+    phases: dict[str, str] = field(default_factory=dict)  # auto-profiling: input shape -> phase
 
     def add(self, d: Decision) -> None:
         self.counts[d.action] += 1
@@ -91,6 +100,7 @@ class RuntimeStats:
             "bytes_held": self.bytes_held,
             "peak_bytes": self.peak_bytes,
             "generations": self.generations,
+            "phases": dict(self.phases),
         }
 
 
@@ -99,6 +109,7 @@ class CacheSession:
         self.config = config
         self.num_blocks = num_blocks
         self.observer = observer
+        self.controller: GenerationController | None = None
         self.store = FeatureStore(
             capacity_entries=config.cache.capacity_entries(),
             capacity_bytes=config.cache.capacity_bytes(),
@@ -121,6 +132,8 @@ class CacheSession:
         info = self.tracker.update(timestep, context)
         self.branch = getattr(context, "name", None) or f"call{info.call}"
         if info.new_generation:
+            if self.controller is not None:
+                self.controller.on_generation(context, grid)  # before any block of the new generation runs
             self._new_generation()
         if info.new_step:
             self.motion = float(motion_fn())
