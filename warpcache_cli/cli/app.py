@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from warpcache_cli.cli import config_cmd, profile_cmd, replay_cmd, run_cmd, trace_cmd, tune_cmd
+from warpcache_cli.cli import bench_cmd, config_cmd, profile_cmd, replay_cmd, run_cmd, trace_cmd, tune_cmd
 
 app = typer.Typer(
     name="warpcache",
@@ -19,6 +19,8 @@ app.command(name="run")(run_cmd.run)
 app.command(name="profile")(profile_cmd.profile_command)
 app.command(name="replay")(replay_cmd.replay_command)
 app.command(name="tune")(tune_cmd.tune_command)
+app.command(name="bench")(bench_cmd.bench_command)
+app.command(name="report")(bench_cmd.report_command)
 
 
 def main() -> None:
