@@ -11,6 +11,7 @@ import typer
 from warpcache_cli import bench
 from warpcache_cli.atomic import write_text
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import _clean, console, print_json, progress, table
 from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.cli.run_cmd import ModelArg, resolve_config
@@ -72,10 +73,10 @@ def bench_command(
     steps: Annotated[int, typer.Option(min=2)] = 30,
     repeats: Annotated[int, typer.Option(min=1, help="timed runs of each; medians are compared")] = 3,
     guidance: float = 4.0,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="folder for bench.json and report.html")] = Path("bench"),
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Run MODEL under every caching method and sweep; print speedup, PSNR, SSIM; write bench.json and report.html.
 
@@ -122,7 +123,7 @@ def report_command(
     config: Annotated[Path | None, typer.Option(help="config whose decision map to show (JSON or YAML)")] = None,
     bench: Annotated[Path | None, typer.Option(help="bench.json written by `warpcache bench`")] = None,
     out: Annotated[Path, typer.Option(help="folder for report.html and its figures")] = Path("report"),
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Write an HTML report: drift heatmap of TRACE, decision map of a config, and bench results.
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import print_json, progress, table
 from warpcache_cli.cli.run_cmd import ModelArg
 from warpcache_cli.errors import WarpcacheError
@@ -52,10 +53,10 @@ def profile_command(
     ] = DEFAULT_SKETCH_TOKENS,
     lags: Annotated[int, typer.Option(min=1, max=64, help="look-back steps recorded for drift")] = DEFAULT_LAGS,
     calibrate: Annotated[int, typer.Option(min=0, help="live cached runs that calibrate the quality estimate")] = 4,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="trace file to write")] = Path("trace.safetensors"),
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Record per-block feature traces of full-compute runs of MODEL.
 

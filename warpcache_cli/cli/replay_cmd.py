@@ -13,6 +13,7 @@ from rich.text import Text
 from warpcache_cli.atomic import write_text
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import JsonOut
 from warpcache_cli.cli._output import console, print_json, table
 from warpcache_cli.cli.run_cmd import resolve_config
 from warpcache_cli.errors import BudgetExceeded
@@ -79,7 +80,7 @@ def replay_command(
     min_speedup: Annotated[float | None, typer.Option(help="fail when estimated speedup is lower")] = None,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report for CI")] = None,
     show_map: Annotated[bool, typer.Option("--map/--no-map", help="print the decision map of run 0")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Replay traces through a config; exit 1 when any run is over budget (a CI quality gate).
 

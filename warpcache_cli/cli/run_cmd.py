@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import print_json, progress, table
 from warpcache_cli.cli.auto_run import run_auto
 from warpcache_cli.config import Config, load_config
@@ -37,11 +38,11 @@ def run(
     height: Annotated[int | None, typer.Option(min=8)] = None,
     width: Annotated[int | None, typer.Option(min=8)] = None,
     guidance: float = 4.0,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     repeats: Annotated[int, typer.Option(min=1, help="timed runs of each; the median is reported")] = 1,
     out: Annotated[Path, typer.Option(help="cached video to write (.mp4 or .gif)")] = Path("warpcache-run.gif"),
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
     auto: Annotated[bool, typer.Option("--auto", help="zero-config: profile, tune and switch while serving")] = False,
     requests: Annotated[int | None, typer.Option(min=1, help="with --auto: requests, seeds seed, seed+1, ...")] = None,
 ) -> None:

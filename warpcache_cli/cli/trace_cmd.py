@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import JsonOut
 from warpcache_cli.cli._output import print_json, table
 from warpcache_cli.trace import Trace
 
@@ -18,7 +19,7 @@ app = typer.Typer(help="Inspect trace files.", no_args_is_help=True)
 @handle_errors
 def info(
     path: Annotated[Path, typer.Argument(help="trace file (.safetensors)")],
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Print a trace's model, runs, steps, blocks, size and what was recorded.
 

@@ -12,6 +12,7 @@ from warpcache_cli import sensitivity
 from warpcache_cli.atomic import write_text
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli._errors import handle_errors
+from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import console, err_console, print_json, progress, table
 from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
@@ -70,10 +71,10 @@ def tune_command(
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 5,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="folder for the config, sensitivity profile and report")] = Path("."),
-    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Tune the caching policy on traces against a quality budget; write config, sensitivity and report.
 
