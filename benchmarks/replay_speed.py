@@ -28,6 +28,8 @@ def widen(trace: Trace, blocks: int) -> Trace:
         if value.ndim >= 4 and key not in ("reference",):
             reps = -(-blocks // value.shape[3])
             value = np.concatenate([value] * reps, axis=3)[:, :, :, :blocks]
+        elif key == "plain_block_seconds":
+            value = np.resize(value, blocks)
         arrays[key] = value
     return Trace(dict(trace.meta), arrays)
 

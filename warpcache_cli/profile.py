@@ -8,6 +8,7 @@ drift of each step's input against each of the previous `lags` steps' inputs.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import warpcache_cli
 from warpcache_cli import motion, quality, runtime
 from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
+from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import drift, drift_variants
 from warpcache_cli.runtime.session import CacheSession, Decision
@@ -257,9 +259,7 @@ def profile(
         rec.close()
         recorders.append(rec)
         refs.append(frames)
-    start = time.perf_counter()
-    generate(pipe, requests[0])
-    plain_seconds = time.perf_counter() - start  # the unhooked run the estimated speedup is relative to
+    plain_seconds, block_seconds = _plain_timing(pipe, transformer, requests[0])
     first = requests[0]
     trace = build_trace(
         transformer, session, recorders, refs, run_secs,
@@ -273,9 +273,40 @@ def profile(
         scheduler=type(getattr(pipe, "scheduler", None)).__name__,
         plain_seconds=plain_seconds,
     )
+    trace.arrays["plain_block_seconds"] = block_seconds
     if calibrate:
         trace.meta["calibration"] = _calibration(pipe, requests[0], trace, refs[0], calibrate, policy)
     return trace
+
+
+def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request) -> tuple[float, np.ndarray]:
+    """Wall time of an unhooked run, and each block's mean time in it: what skipping a block really saves.
+
+    Block times recorded under the profiler's hooks run slow (the measurements between blocks
+    evict caches), so the replay's speed estimate uses these instead.
+    """
+    blocks = runtime.find_blocks(transformer)
+    totals, calls, starts = np.zeros(len(blocks)), np.zeros(len(blocks)), [0.0]
+
+    def pre(module: torch.nn.Module, args: Any) -> None:
+        starts[0] = time.perf_counter()
+
+    def post(i: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        totals[i] += time.perf_counter() - starts[0]
+        calls[i] += 1
+
+    handles = [h for i, b in enumerate(blocks)
+               for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(functools.partial(post, i)))]
+    try:
+        start = time.perf_counter()
+        generate(pipe, req)
+        seconds = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    return seconds, (totals / np.maximum(calls, 1)).astype(np.float32)
 
 
 def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
@@ -287,7 +318,8 @@ def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
         t = float(max(np.nanquantile(d, q), 1e-6))
         out.append(base.with_policy(
             drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
-            warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping motion_scale=0.0, phase_multipliers=(1.0, 1.0),
+            warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping
+            motion_scale=0.0, phase_multipliers=(1.0, 1.0),
             warm_up_steps=2, max_consecutive_reuse=min(trace.lags, 2 + i),
         ))
     return out
@@ -297,17 +329,18 @@ def _calibration(pipe: Any, req: Request, trace: Trace, reference: np.ndarray, n
                  ) -> dict[str, Any]:
     """Live runs of a few configs on the first request: the points the replay's quality model is fit to."""
     configs = calibration_configs(trace, n, base.with_policy(warm_up_steps=2))
-    psnr, ssim = [], []
+    psnr, ssim, seconds = [], [], []
     for cfg in configs:
         runtime.apply(pipe, cfg)
         try:
-            frames = generate(pipe, req)
+            frames, secs = timed(pipe, req)
         finally:
             runtime.remove(pipe)
         q = quality.compare(frames, reference)
         psnr.append(q["psnr"] if np.isfinite(q["psnr"]) else None)
         ssim.append(q["ssim"])
-    return {"configs": [c.to_dict() for c in configs], "psnr": psnr, "ssim": ssim}
+        seconds.append(secs)
+    return {"configs": [c.to_dict() for c in configs], "psnr": psnr, "ssim": ssim, "seconds": seconds}
 
 
 def _plain_config(module: torch.nn.Module) -> dict[str, Any]:

@@ -61,7 +61,10 @@ class Replayer:
         self.reuse_err = np.nan_to_num(np.asarray(a["reuse_err"], np.float64), nan=0.0)
         ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
         self.warp_ratio = np.clip(np.nan_to_num(ratio, nan=1.0, posinf=1.0), 0.0, 4.0)
-        self.block_seconds = np.asarray(a["block_seconds"], np.float64)
+        plain_blocks = a.get("plain_block_seconds")
+        self.block_seconds = (np.broadcast_to(np.asarray(plain_blocks, np.float64), a["block_seconds"].shape)
+                              if plain_blocks is not None else np.asarray(a["block_seconds"], np.float64))
+        self.reuse_cost = 0.0  # seconds a served-from-cache block still costs (drift, lookup, warp); calibrated
         plain = trace.meta.get("plain_seconds")
         self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))
         t = np.asarray(a["timestep"], np.float64)
@@ -125,7 +128,7 @@ class Replayer:
         # blocks of one step add up as independent errors; steps add up along the trajectory
         per_step = np.sqrt((err**2).sum(axis=3)).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3))
+        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.reuse_cost * reused.sum(axis=(1, 2, 3))
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -141,8 +144,10 @@ class Replayer:
         cal = self.trace.meta.get("calibration")
         if not cal:
             return None
-        errors = np.array([self.run(Config.from_dict(c).policy, slice(0, 1)).error[0]
-                           for c in cal["configs"]])
+        results = [self.run(Config.from_dict(c).policy, slice(0, 1)) for c in cal["configs"]]
+        if cal.get("seconds"):
+            self.reuse_cost = self._fit_reuse_cost(results, np.asarray(cal["seconds"], np.float64))
+        errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
         if not ok.any():
@@ -151,6 +156,15 @@ class Replayer:
         a, b = _fit(x, psnr[ok], -20.0)
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()))
+
+    def _fit_reuse_cost(self, results: list[ReplayResult], measured: np.ndarray) -> float:
+        """Least-squares cost of a served block, from the calibration runs' measured wall times."""
+        reused = np.array([float((r.actions[0] != Action.RECOMPUTE).sum()) for r in results])
+        saved = np.array([float((self.block_seconds[0] * (r.actions[0] != Action.RECOMPUTE)).sum()) for r in results])
+        excess = measured - (self.plain_seconds - saved)
+        if not (reused > 0).any():
+            return 0.0
+        return float(max(0.0, (excess * reused).sum() / (reused**2).sum()))
 
 
 @dataclass

@@ -14,7 +14,8 @@ K sketch tokens, C channels):
     drift1_cos   (R, Br, S, L)       f32  full-tensor cosine drift to the previous step
     drift1_l2    (R, Br, S, L)       f32  full-tensor L2 drift to the previous step
     x_norm, r_norm (R, Br, S, L)     f32  full-tensor norms of block input and residual
-    block_seconds (R, Br, S, L)      f32  wall time of each block (synchronised on CUDA)
+    block_seconds (R, Br, S, L)      f32  wall time of each block under the recorder (synchronised on CUDA)
+    plain_block_seconds (L,)         f32  mean wall time of each block in an unhooked run
     call_seconds (R, Br, S)          f32  wall time of each transformer call
     run_seconds  (R,)                f32  wall time of each whole generation
     timestep, position, motion (R, S) f32
@@ -47,7 +48,7 @@ DRIFT_VARIANTS: tuple[tuple[str, float], ...] = (
 PER_BLOCK = ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")
 REQUIRED = ("drift", "reuse_err", *PER_BLOCK, "call_seconds", "run_seconds", "timestep", "position", "motion",
             "reference", "token_subset")
-OPTIONAL = ("sketch_in", "sketch_res")
+OPTIONAL = ("sketch_in", "sketch_res", "plain_block_seconds")
 
 
 def drift_variant(metric: str, power: float) -> int:
@@ -116,6 +117,9 @@ class Trace:
         for key, shape in expect.items():
             if self.arrays[key].shape != shape:
                 raise TraceError(f"{self.path}: array {key} has shape {self.arrays[key].shape}, expected {shape}")
+        if "plain_block_seconds" in self.arrays and self.arrays["plain_block_seconds"].shape != (lyr,):
+            raise TraceError(f"{self.path}: array plain_block_seconds has shape "
+                             f"{self.arrays['plain_block_seconds'].shape}, expected ({lyr},)")
         d = self.arrays["drift"].shape
         if d[:4] != (r, br, s, lyr) or d[5] != len(DRIFT_VARIANTS):
             raise TraceError(f"{self.path}: array drift has shape {d}, inconsistent with the trace")

@@ -26,18 +26,16 @@ HEATMAP_NAME = "warpcache-sensitivity.png"
 REPORT_NAME = "warpcache-tune-report.json"
 
 
-def validation_requests(trace: Trace, seeds: list[int] | None) -> list[Request]:
-    """The trace's prompts on seeds it did not record (unless given), same steps and shape."""
-    m = trace.meta
+def validation_requests(traces: list[Trace], seeds: list[int] | None) -> list[Request]:
+    """Every prompt of the traces on seeds they did not record (unless given), same steps and shape."""
+    m = traces[0].meta
     if seeds is None:
-        top = max(m["seeds"])
+        top = max(s for t in traces for s in t.meta["seeds"])
         seeds = [top + 1001, top + 1002]
     shape = m.get("request", {})
-    return [
-        Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
-        for p in dict.fromkeys(m["prompts"])
-        for s in seeds
-    ]
+    prompts = dict.fromkeys(p for t in traces for p in t.meta["prompts"])
+    return [Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
+            for p in prompts for s in seeds]
 
 
 def _report(result: TuneResult, budget: Budget, storage: str | None, outputs: dict[str, str]) -> dict[str, Any]:
@@ -95,7 +93,7 @@ def tune_command(
             if model is not None:
                 raise
             err_console.print(f"[yellow]not validating: the trace's model cannot be loaded here ({exc})")
-        requests = validation_requests(loaded[0], parse_seeds(validation_seeds) if validation_seeds else None)
+        requests = validation_requests(loaded, parse_seeds(validation_seeds) if validation_seeds else None)
     with progress(json_out) as bar:
         search = bar.add_task("searching (offline replay)", total=trials)
         check = bar.add_task("validating on the model", total=len(requests) * (1 + top_k), visible=False)
