@@ -64,7 +64,8 @@ class Replayer:
         plain_blocks = a.get("plain_block_seconds")
         self.block_seconds = (np.broadcast_to(np.asarray(plain_blocks, np.float64), a["block_seconds"].shape)
                               if plain_blocks is not None else np.asarray(a["block_seconds"], np.float64))
-        self.reuse_cost = 0.0  # seconds a served-from-cache block still costs (drift, lookup, warp); calibrated
+        # what caching itself costs, in seconds: per generation, per reused block, per warped block; calibrated
+        self.overhead = self.reuse_cost = self.warp_cost = 0.0
         plain = trace.meta.get("plain_seconds")
         self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))
         t = np.asarray(a["timestep"], np.float64)
@@ -128,7 +129,9 @@ class Replayer:
         # blocks of one step add up as independent errors; steps add up along the trajectory
         per_step = np.sqrt((err**2).sum(axis=3)).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.reuse_cost * reused.sum(axis=(1, 2, 3))
+        saved = ((self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.overhead
+                 - self.reuse_cost * (actions == Action.REUSE).sum(axis=(1, 2, 3))
+                 - self.warp_cost * (actions == Action.WARP).sum(axis=(1, 2, 3)))
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -146,7 +149,8 @@ class Replayer:
             return None
         results = [self.run(Config.from_dict(c).policy, slice(0, 1)) for c in cal["configs"]]
         if cal.get("seconds"):
-            self.reuse_cost = self._fit_reuse_cost(results, np.asarray(cal["seconds"], np.float64))
+            self.overhead, self.reuse_cost, self.warp_cost = self._fit_costs(
+                results, np.asarray(cal["seconds"], np.float64))
         errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
@@ -157,14 +161,22 @@ class Replayer:
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()))
 
-    def _fit_reuse_cost(self, results: list[ReplayResult], measured: np.ndarray) -> float:
-        """Least-squares cost of a served block, from the calibration runs' measured wall times."""
-        reused = np.array([float((r.actions[0] != Action.RECOMPUTE).sum()) for r in results])
-        saved = np.array([float((self.block_seconds[0] * (r.actions[0] != Action.RECOMPUTE)).sum()) for r in results])
+    def _fit_costs(self, results: list[ReplayResult], measured: np.ndarray) -> tuple[float, float, float]:
+        """Per-generation hook overhead, and what a reused and a warped block still cost, fit to the
+        calibration runs' wall times (non-negative least squares over the three terms)."""
+        acts = [r.actions[0] for r in results]
+        saved = np.array([float((self.block_seconds[0] * (a != Action.RECOMPUTE)).sum()) for a in acts])
+        counts = np.array([[1.0, float((a == Action.REUSE).sum()), float((a == Action.WARP).sum())] for a in acts])
         excess = measured - (self.plain_seconds - saved)
-        if not (reused > 0).any():
-            return 0.0
-        return float(max(0.0, (excess * reused).sum() / (reused**2).sum()))
+        coef = np.zeros(3)
+        active = [i for i in range(3) if counts[:, i].any()]
+        while active:  # drop terms that come out negative and refit: a tiny NNLS
+            sol = np.linalg.lstsq(counts[:, active], excess, rcond=None)[0]
+            if (sol >= 0).all():
+                coef[active] = sol
+                break
+            active.pop(int(np.argmin(sol)))
+        return float(coef[0]), float(coef[1]), float(coef[2])
 
 
 @dataclass
