@@ -35,8 +35,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def rows(builtin):
-    """warpcache (fast preset), FORA every 2nd step and diffusers' FBCache, one setting each."""
-    methods = [bench.warpcache(Config.preset("fast"), scales=(1.0,)), bench.fora(intervals=(2,)),
+    """warpcache (a config that reuses from step 1), FORA every 2nd step and diffusers' FBCache, one setting each."""
+    eager = Config.default().with_policy(base_threshold=2.0, warp_threshold=2.0, min_threshold=2.0, motion_scale=0.0,
+                                         warm_up_steps=1, max_consecutive_reuse=2)
+    methods = [bench.warpcache(eager, scales=(1.0,)), bench.fora(intervals=(2,)),
                bench.fbcache(thresholds=(0.4,))]
     return bench.run_bench(builtin, methods, [PROMPT], [0], STEPS, repeats=1)
 

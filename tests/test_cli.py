@@ -8,18 +8,21 @@ import pytest
 from typer.testing import CliRunner
 
 from warpcache_cli.cli.app import app
+from warpcache_cli.config import Config
 
 runner = CliRunner()
 
 
 def test_run_builtin_writes_video_and_reports_measurements(tmp_path):
     out = tmp_path / "clip.gif"
-    res = runner.invoke(app, ["run", "builtin", "--preset", "fast", "--steps", "4", "--out", str(out), "--json"])
+    eager = Config.default().with_policy(base_threshold=2.0, warp_threshold=2.0, min_threshold=2.0, warm_up_steps=1,
+                                         max_consecutive_reuse=2).save(tmp_path / "eager.json")
+    res = runner.invoke(app, ["run", "builtin", "--config", str(eager), "--steps", "4", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["speedup"] > 0 and data["uncached_seconds"] > 0 and data["psnr"] > 10
     d = data["decisions"]
-    assert d["recompute"] + d["reuse"] + d["warp"] == 4 * 2 * 6
+    assert d["recompute"] + d["reuse"] + d["warp"] == 4 * 2 * 6 and d["compute_fraction"] < 1
     assert out.read_bytes()[:3] == b"GIF"
 
 

@@ -52,7 +52,8 @@ def test_replay_estimates_order_configs_like_the_calibration(small_trace):
 
 def test_never_reuse_replays_as_full_compute(small_trace):
     res = Replayer(small_trace).run(wc.Config.default().with_policy(warm_up_steps=1000).policy)
-    assert (res.actions == Action.RECOMPUTE).all() and np.allclose(res.speedup, 1.0)
+    # nothing is skipped, so the estimate is 1x less the hooks' calibrated overhead
+    assert (res.actions == Action.RECOMPUTE).all() and ((0.85 < res.speedup) & (res.speedup <= 1.0)).all()
     assert np.isinf(res.psnr).all() and (res.error == 0).all()
 
 

@@ -10,6 +10,7 @@ error becomes output error, calibrated by live runs recorded with the trace.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +60,13 @@ class Replayer:
         self._drift = {}  # variant index -> (R, Br, S, L, G)
         self._raw_drift = a["drift"]
         self.reuse_err = np.nan_to_num(np.asarray(a["reuse_err"], np.float64), nan=0.0)
-        ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
-        self.warp_ratio = np.clip(np.nan_to_num(ratio, nan=1.0, posinf=1.0), 0.0, 4.0)
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # blocks where warping was never measured
+            ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
+            per_block = np.nan_to_num(np.nanmean(ratio, axis=(0, 1, 2)), nan=1.0)
+        # warping is measured at some steps only: elsewhere use the block's mean ratio
+        ratio = np.where(np.isfinite(ratio), ratio, per_block)
+        self.warp_ratio = np.clip(ratio, 0.0, 4.0)
         plain_blocks = a.get("plain_block_seconds")
         self.block_seconds = (np.broadcast_to(np.asarray(plain_blocks, np.float64), a["block_seconds"].shape)
                               if plain_blocks is not None else np.asarray(a["block_seconds"], np.float64))

@@ -38,7 +38,9 @@ def sensitivity(trace: Trace) -> dict[str, Any]:
     score = per_block_err / np.nanmean(per_block_err)
     rows = []
     for i in range(blocks):
-        r_err, w_err = np.nanmean(reuse[..., i]), np.nanmean(warp[..., i])
+        both = np.isfinite(warp[..., i]) & np.isfinite(reuse[..., i])  # warping is measured at some steps only
+        r_err = float(reuse[..., i][both].mean()) if both.any() else float(np.nanmean(reuse[..., i]))
+        w_err = float(warp[..., i][both].mean()) if both.any() else float("nan")
         rows.append({
             "block": i,
             "sensitivity": float(score[i]),

@@ -10,7 +10,8 @@ K sketch tokens, C channels):
     drift        (R, Br, S, L, G, M) f32  drift of x_s against x_{s-g} on the policy token subset
     reuse_err    (R, Br, S, L, G)    f32  ||r_s - r_{s-g}|| / ||x_s + r_s|| on the token subset
     reuse_err1   (R, Br, S, L)       f32  the same for g = 1 on full tensors
-    warp_err1    (R, Br, S, L)       f32  ||r_s - warp(r_{s-1})|| / ||x_s + r_s|| on full tensors
+    warp_err1    (R, Br, S, L)       f32  ||r_s - warp(r_{s-1})|| / ||x_s + r_s|| on full tensors (NaN where
+                                          not measured: first branch, every other step)
     drift1_cos   (R, Br, S, L)       f32  full-tensor cosine drift to the previous step
     drift1_l2    (R, Br, S, L)       f32  full-tensor L2 drift to the previous step
     x_norm, r_norm (R, Br, S, L)     f32  full-tensor norms of block input and residual
