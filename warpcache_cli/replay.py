@@ -11,7 +11,7 @@ error becomes output error, calibrated by live runs recorded with the trace.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -193,7 +193,6 @@ class ReplayResult:
     drift: np.ndarray  # (R,) accumulated drift of reused blocks, per block and branch
     psnr: np.ndarray  # (R,) estimated, dB; NaN without calibration
     ssim: np.ndarray  # (R,) estimated
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {a.name.lower(): int((self.actions == a).sum()) for a in Action}

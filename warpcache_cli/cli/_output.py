@@ -7,9 +7,13 @@ import math
 import sys
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+
+from warpcache_cli.policy import Action
 
 # wide enough for tables when piped (CI logs), the terminal's own width otherwise
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -52,3 +56,18 @@ def progress(quiet: bool) -> Progress:
         transient=True,
         disable=quiet,
     )
+
+
+GLYPHS = {Action.RECOMPUTE: ("█", "red"), Action.REUSE: ("·", "green"), Action.WARP: ("~", "yellow")}
+
+
+def decision_map(actions: np.ndarray, title: str) -> Text:
+    """Blocks down, steps across: █ recompute, · reuse, ~ warp."""
+    text = Text(f"{title}  (█ recompute  · reuse  ~ warp)\n")
+    for layer in range(actions.shape[1]):
+        text.append(f"block {layer:>3} ")
+        for a in actions[:, layer]:
+            glyph, style = GLYPHS[Action(int(a))]
+            text.append(glyph, style=style)
+        text.append("\n")
+    return text

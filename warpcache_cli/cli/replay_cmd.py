@@ -8,32 +8,17 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.text import Text
 
 from warpcache_cli.atomic import write_text
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli._errors import handle_errors
 from warpcache_cli.cli._options import JsonOut
-from warpcache_cli.cli._output import console, print_json, table
+from warpcache_cli.cli._output import console, decision_map, print_json, table
 from warpcache_cli.cli.run_cmd import resolve_config
 from warpcache_cli.errors import BudgetExceeded
 from warpcache_cli.policy import Action
 from warpcache_cli.replay import ReplayResult, replay
 from warpcache_cli.trace import Trace
-
-GLYPHS = {Action.RECOMPUTE: ("█", "red"), Action.REUSE: ("·", "green"), Action.WARP: ("~", "yellow")}
-
-
-def decision_map(actions: np.ndarray, title: str) -> Text:
-    """Blocks down, steps across: █ recompute, · reuse, ~ warp."""
-    text = Text(f"{title}  (█ recompute  · reuse  ~ warp)\n")
-    for layer in range(actions.shape[1]):
-        text.append(f"block {layer:>3} ")
-        for a in actions[:, layer]:
-            glyph, style = GLYPHS[Action(int(a))]
-            text.append(glyph, style=style)
-        text.append("\n")
-    return text
 
 
 def _rows(path: Path, trace: Trace, result: ReplayResult) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import typer
 
 from warpcache_cli.cli._errors import handle_errors
 from warpcache_cli.cli._options import Device, Dtype, JsonOut
-from warpcache_cli.cli._output import print_json, progress, table
+from warpcache_cli.cli._output import console, decision_map, print_json, progress, table
 from warpcache_cli.cli.auto_run import run_auto
 from warpcache_cli.config import Config, load_config
 from warpcache_cli.errors import ConfigError
@@ -85,4 +85,6 @@ def run(
             ["peak cache memory", f"{s['peak_bytes'] / 1e6:.1f} MB"],
         ],
     )
+    if result.decision_map.size:
+        console.print(decision_map(result.decision_map.T, "cached run (a step's most reusing branch)"))
     print(f"wrote {out}")
