@@ -60,13 +60,15 @@ class StepHook(ModelHook):
         grid = self.adapter.grid(module, video)
         context = self.context._context  # set by diffusers' cache_context; None when the pipeline gives none
         s = self.session
-        s.begin_call(timestep_value(named.get("timestep", 0.0)), context, lambda: self._motion(video), grid)
+        # the source is fixed now: by the time a block asks, this call may have replaced the prediction
+        source = s.prediction if s.prediction is not None else video
+        s.begin_call(timestep_value(named.get("timestep", 0.0)), context, lambda: self._motion(source), grid)
         self._named = named if s.step.call == 0 else None
         return args, kwargs
 
-    def _motion(self, video: torch.Tensor | None) -> float:
+    @staticmethod
+    def _motion(source: torch.Tensor | None) -> float:
         """Motion of the clean video the model predicted last step; of the noisy input before that."""
-        source = self.session.prediction if self.session.prediction is not None else video
         return motion.content_motion(source) if source is not None else 0.0
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
@@ -136,10 +138,12 @@ class BlockHook(ModelHook):
         if s.step.step < cfg.warm_up_steps:
             usable = False  # a forced recompute: measuring drift would only cost time
         d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
-        action = decide(
-            cfg, step=s.step.step, layer=self.layer, drift=d, motion=s.motion,
-            position=s.step.position, reuse_run=state.reuse_run, has_cache=usable,
-        )
+        action = Action.RECOMPUTE
+        if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
+            action = decide(
+                cfg, step=s.step.step, layer=self.layer, drift=d, motion=s.motion,
+                position=s.step.position, reuse_run=state.reuse_run, has_cache=True,
+            )
         keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
         cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
         if any(c is None for c in cached):

@@ -7,6 +7,7 @@ and report back. One session per hooked transformer.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,7 +120,8 @@ class CacheSession:
         self.tracker = StepTracker()
         self.stats = RuntimeStats()
         self.step: StepInfo | None = None
-        self.motion = 0.0
+        self._motion: float | None = 0.0
+        self._motion_fn: Callable[[], float] = lambda: 0.0
         self.prediction: torch.Tensor | None = None  # last step's predicted clean video, for the motion estimate
         self.grid: Grid | None = None
         self.branch = "call0"
@@ -127,7 +129,8 @@ class CacheSession:
         self._subsets: dict[int, torch.Tensor] = {}
         self._requests: set[str] = set()
 
-    def begin_call(self, timestep: float, context: Any | None, motion_fn: Any, grid: Grid | None) -> None:
+    def begin_call(self, timestep: float, context: Any | None, motion_fn: Callable[[], float], grid: Grid | None
+                   ) -> None:
         """Called once per transformer call, before any block runs."""
         info = self.tracker.update(timestep, context)
         self.branch = getattr(context, "name", None) or f"call{info.call}"
@@ -136,8 +139,15 @@ class CacheSession:
                 self.controller.on_generation(context, grid)  # before any block of the new generation runs
             self._new_generation()
         if info.new_step:
-            self.motion = float(motion_fn())
+            self._motion, self._motion_fn = None, motion_fn
         self.step, self.grid = info, grid
+
+    @property
+    def motion(self) -> float:
+        """This step's content motion, estimated on first use: steps that never ask (warm-up) never pay for it."""
+        if self._motion is None:
+            self._motion = float(self._motion_fn())
+        return self._motion
 
     def _new_generation(self) -> None:
         for req in self._requests:
