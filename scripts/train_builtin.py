@@ -5,6 +5,7 @@ checkpoint, so it survives a session ending mid-run. CI never runs this.
 
     python scripts/train_builtin.py --steps 5000            # ~70 min on 2 CPU cores
     python scripts/train_builtin.py --steps 5000 --export   # re-export the last checkpoint only
+    python scripts/train_builtin.py --steps 3000 --warm-start --lr 3e-4   # continue from the shipped weights
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from warpcache_cli.builtin import clips
 from warpcache_cli.builtin.pipeline import (
     SCHEDULER_SHIFT,
     WEIGHTS_DIR,
+    load_builtin,
     new_prompt_encoder,
     new_transformer,
     tokenize,
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", action="store_true", help="only export the last checkpoint's EMA weights")
+    ap.add_argument("--warm-start", action="store_true",
+                    help="without a checkpoint, start from the weights shipped in the package (fresh optimizer)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -98,6 +102,12 @@ def main() -> None:
         gen.set_state(state["gen"])
         start = state["step"]
         print(f"resumed at step {start}", flush=True)
+    elif args.warm_start:
+        shipped = load_builtin(weights_dir=args.out)
+        for m, e, src in ((transformer, ema_t, shipped.transformer), (encoder, ema_e, shipped.prompt_encoder)):
+            m.load_state_dict(src.state_dict())
+            e.load_state_dict(src.state_dict())
+        print(f"warm start from {args.out}", flush=True)
     if args.export:
         export(ema_t, ema_e, args.out)
         return
