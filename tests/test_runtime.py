@@ -177,7 +177,6 @@ def test_full_wan_pipeline_call_with_prompt_embeddings():
 
 def test_warp_decisions_warp_the_cached_residual():
     model, inputs = build("wan")
-    reuse_out = None
     session = wc.apply(model, AGGRESSIVE)
     reuse_out = denoise(model, inputs, steps=4)
     wc.remove(model)
@@ -186,3 +185,23 @@ def test_warp_decisions_warp_the_cached_residual():
     warp_out = denoise(model, inputs, steps=4)
     assert session.stats.counts[wc.Action.WARP] == 3 * 3
     assert torch.isfinite(warp_out).all() and not torch.equal(warp_out, reuse_out)
+
+
+def test_metrics_served_on_listen_addr_until_remove():
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model, inputs = build("wan")
+    cfg = wc.Config.from_dict({**AGGRESSIVE.to_dict(), "listen_addr": f"127.0.0.1:{port}",
+                               "metrics": {"enabled": True, "path": ""}})
+    wc.apply(model, cfg)
+    denoise(model, inputs, steps=2)
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert "warpcache_recomputes_total" in urllib.request.urlopen(url, timeout=5).read().decode()
+    wc.remove(model)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)

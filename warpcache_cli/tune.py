@@ -151,7 +151,6 @@ class TuneResult:
     validated: bool
     message: str
     seconds: float
-    space: SearchSpace
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -316,12 +315,11 @@ def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: flo
         msg = "no config meets the budget on the trace"
         if closest is not None:
             msg += f"; the closest found estimates {closest.est_psnr:.2f} dB at {closest.est_speedup:.2f}x"
-        return TuneResult(study, [closest] if closest else [], None, False, msg, time.perf_counter() - start,
-                          tuner.space)
+        return TuneResult(study, [closest] if closest else [], None, False, msg, time.perf_counter() - start)
     if pipe is None or not validation:
         return TuneResult(study, cands, cands[0], False, "chosen on estimates (no model to validate on)",
-                          time.perf_counter() - start, tuner.space)
+                          time.perf_counter() - start)
     chosen = validate(pipe, cands, validation, budget, on_validate)
     msg = ("fastest candidate whose measured PSNR met the budget on every validation run" if chosen else
            "no candidate met the budget on the real model")
-    return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start, tuner.space)
+    return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start)

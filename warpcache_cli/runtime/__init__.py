@@ -66,8 +66,8 @@ def remove(pipe_or_transformer: Any) -> CacheSession | None:
     registry.invalidate_child_registries_cache()
     session.flush_metrics()
     session.store.purge()
-    server = getattr(session, "server", None)
-    if server is not None:
-        server[0].shutdown() if isinstance(server, tuple) else server.shutdown()
+    if session.server is not None:
+        session.server.shutdown()
+        session.server.server_close()
     delattr(transformer, _SESSION_ATTR)
     return session

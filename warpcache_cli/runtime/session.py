@@ -117,6 +117,7 @@ class CacheSession:
             ttl=config.cache.ttl,
         )
         self.metrics = Metrics() if config.metrics.enabled else None
+        self.server: Any = None  # the Prometheus HTTP server, when metrics are served on listen_addr
         self.tracker = StepTracker()
         self.stats = RuntimeStats()
         self.step: StepInfo | None = None
