@@ -107,3 +107,14 @@ def test_trace_size_is_small(trace):
     r, br, s, lyr = trace.shape
     per_run_step = sum(a.nbytes for a in trace.arrays.values()) / (r * s)
     assert per_run_step * 30 < 5e6 and math.isfinite(per_run_step)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "one,two"], "--seeds"),
+    (["--prompts-file", "/no/such/prompts.txt"], "--prompts-file"),
+])
+def test_cli_profile_bad_arguments(tmp_path, args, message):
+    out = tmp_path / "t.safetensors"
+    res = runner.invoke(app, ["profile", "builtin", "--steps", "2", "--out", str(out), *args])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
