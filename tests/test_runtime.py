@@ -205,3 +205,33 @@ def test_metrics_served_on_listen_addr_until_remove():
     wc.remove(model)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=2)
+
+
+class _Residuals:
+    """Observer collecting each block's residual (computed, or served from cache) per step."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], torch.Tensor] = {}
+        self.actions: dict[tuple[int, int], wc.Action] = {}
+
+    def on_block(self, session, layer, x, residual, seconds, decision) -> None:
+        self.seen[(decision.step, layer)] = residual.detach().clone()
+        self.actions[(decision.step, layer)] = decision.action
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_forecast_extrapolates_along_the_last_two_computations(weight):
+    model, inputs = build("wan")
+    # warm-up computes steps 0-2, then reuse and recompute alternate
+    cfg = AGGRESSIVE.with_policy(warm_up_steps=3, max_consecutive_reuse=1, forecast=weight)
+    session = wc.apply(model, cfg)
+    obs = session.observer = _Residuals()
+    denoise(model, inputs, steps=6)
+    wc.remove(model)
+    for layer in range(3):
+        assert [obs.actions[(s, layer)] for s in range(6)] == [wc.Action.RECOMPUTE] * 3 + [
+            wc.Action.REUSE, wc.Action.RECOMPUTE, wc.Action.REUSE]
+        r = {s: obs.seen[(s, layer)] for s in range(6)}
+        # step 3 reuses step 2 (lag 1), whose slope is r2 - r1; step 5 reuses step 4, slope (r4 - r2) / 2
+        torch.testing.assert_close(r[3], r[2] + weight * (r[2] - r[1]))
+        torch.testing.assert_close(r[5], r[4] + weight * (r[4] - r[2]) / 2)

@@ -43,6 +43,7 @@ class _Past:
     """One block's last inputs and residuals for one branch: what drift and reuse error compare against."""
 
     sketches: deque = field(default_factory=deque)  # (x_sub, r_sub) of previous steps, newest last
+    residuals: deque = field(default_factory=deque)  # r_sub of up to 2G + 1 previous steps, for the Gram table
     x: torch.Tensor | None = None  # full input and residual of the previous step
     r: torch.Tensor | None = None
     frame_map: torch.Tensor | None = None
@@ -80,7 +81,8 @@ class Recorder:
             self.steps[step.step] = (step.timestep, step.position, session.motion)
             if self.on_step:
                 self.on_step(step.step)
-        past = self._past.setdefault((session.branch, layer), _Past(deque(maxlen=self.lags)))
+        past = self._past.setdefault((session.branch, layer),
+                                     _Past(deque(maxlen=self.lags), deque(maxlen=2 * self.lags + 1)))
         with torch.no_grad():
             row = self._measure(session, x, residual, past)
         row["block_seconds"] = seconds
@@ -102,6 +104,7 @@ class Recorder:
         if self.sketch_tokens:
             row["sketch_in"] = xs[:, : self.sketch_tokens].half().cpu()
             row["sketch_res"] = rs[:, : self.sketch_tokens].half().cpu()
+        row["res_dot"], row["out_sq"] = self._gram_row(xs, rs, past.residuals)
         if past.sketches:
             old_x = torch.stack([s[0] for s in reversed(past.sketches)])  # (lags, B, K, C), lag 1 first
             old_r = torch.stack([s[1] for s in reversed(past.sketches)])
@@ -126,8 +129,24 @@ class Recorder:
         warpable = measure_next and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
         past.frame_map, past.direction = motion.frame_maps(x, grid) if warpable else (None, None)
         past.sketches.append((xs.detach(), rs.detach()))
+        past.residuals.append(rs.detach())
         past.x, past.r = x.detach(), r.detach()
         return row
+
+
+    def _gram_row(self, xs: torch.Tensor, rs: torch.Tensor, history: deque) -> tuple[np.ndarray, float]:
+        """<r_s, r_{s-j}> for j = 0 .. 2G + 1 and ||x_s + r_s||^2 on the token subset, in float64.
+
+        Any extrapolation's error is a quadratic form in these (the replay's forecast), and it is a
+        small difference of large dot products, so float32 would lose it.
+        """
+        r = rs.double().flatten()
+        dots = np.zeros(2 * self.lags + 2)
+        dots[0] = float(r @ r)
+        if history:
+            past = torch.stack(list(reversed(history))).double().flatten(1)  # lag 1 first
+            dots[1: len(history) + 1] = (past @ r).cpu().numpy()
+        return dots, float((xs.double().flatten() + r).square().sum())
 
 
 def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_seconds: list[float],
@@ -145,6 +164,8 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
     arrays: dict[str, np.ndarray] = {
         "drift": np.full((*shape, lags, len(DRIFT_VARIANTS)), nan, np.float32),
         "reuse_err": np.full((*shape, lags), nan, np.float32),
+        "res_dot": np.zeros((*shape, 2 * lags + 2), np.float64),
+        "out_sq": np.zeros(shape, np.float64),
         **{k: np.full(shape, nan, np.float32) for k in
            ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")},
         "call_seconds": np.zeros(shape[:3], np.float32),
@@ -233,8 +254,8 @@ def profile(
 ) -> Trace:
     """Run each request at full compute and record a trace; `tokens` is the drift subset size.
 
-    `calibrate` live cached runs of the first request measure the quality the replay's
-    estimate is calibrated to.
+    `calibrate` live cached runs, spread over the requests in turn, measure the quality the
+    replay's estimate is calibrated to.
     """
     if not requests:
         raise WarpcacheError("nothing to profile: give at least one prompt and seed")
@@ -277,7 +298,7 @@ def profile(
     )
     trace.arrays["plain_block_seconds"] = block_seconds
     if calibrate:
-        trace.meta["calibration"] = _calibration(pipe, requests[0], trace, refs[0], calibrate, policy)
+        trace.meta["calibration"] = _calibration(pipe, requests, trace, refs, calibrate, policy)
     return trace
 
 
@@ -321,28 +342,34 @@ def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
         out.append(base.with_policy(
             drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
             warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping
+            forecast=0.0 if i % 2 else 1.0,  # the quality model sees plain, warped and extrapolated reuse
             motion_scale=0.0, phase_multipliers=(1.0, 1.0),
             warm_up_steps=2, max_consecutive_reuse=min(trace.lags, 2 + i),
         ))
     return out
 
 
-def _calibration(pipe: Any, req: Request, trace: Trace, reference: np.ndarray, n: int, base: Config
-                 ) -> dict[str, Any]:
-    """Live runs of a few configs on the first request: the points the replay's quality model is fit to."""
+def _calibration(pipe: Any, requests: list[Request], trace: Trace, references: list[np.ndarray], n: int,
+                 base: Config) -> dict[str, Any]:
+    """Live runs of a few configs, the i-th on request i mod R: the points the replay's quality model is fit to.
+
+    Spreading them over the requests lets the fit see how much quality varies between prompts and
+    seeds, not only between configs.
+    """
     configs = calibration_configs(trace, n, base.with_policy(warm_up_steps=2))
+    runs = [i % len(requests) for i in range(len(configs))]
     psnr, ssim, seconds = [], [], []
-    for cfg in configs:
+    for cfg, run in zip(configs, runs):
         runtime.apply(pipe, cfg)
         try:
-            frames, secs = timed(pipe, req)
+            frames, secs = timed(pipe, requests[run])
         finally:
             runtime.remove(pipe)
-        q = quality.compare(frames, reference)
+        q = quality.compare(frames, references[run])
         psnr.append(q["psnr"] if np.isfinite(q["psnr"]) else None)
         ssim.append(q["ssim"])
         seconds.append(secs)
-    return {"configs": [c.to_dict() for c in configs], "psnr": psnr, "ssim": ssim, "seconds": seconds}
+    return {"configs": [c.to_dict() for c in configs], "runs": runs, "psnr": psnr, "ssim": ssim, "seconds": seconds}
 
 
 def _plain_config(module: torch.nn.Module) -> dict[str, Any]:

@@ -60,6 +60,9 @@ class Replayer:
         self._drift = {}  # variant index -> (R, Br, S, L, G)
         self._raw_drift = a["drift"]
         self.reuse_err = np.nan_to_num(np.asarray(a["reuse_err"], np.float64), nan=0.0)
+        # residual Gram entries on the token subset, for forecasting; absent from older traces
+        self._dots = np.nan_to_num(np.asarray(a["res_dot"], np.float64)) if "res_dot" in a else None
+        self._out_sq = np.asarray(a["out_sq"], np.float64) if "out_sq" in a else None
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # blocks where warping was never measured
             ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
@@ -92,8 +95,11 @@ class Replayer:
             self._drift[v] = np.ascontiguousarray(np.moveaxis(np.concatenate([pad, d, pad], -1), 2, 0))
         return self._drift[v]
 
-    def decisions(self, policy: PolicyConfig, runs: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions, drift seen and lag used, each (R, Br, S, L), as the live hooks would decide.
+    def decisions(self, policy: PolicyConfig, runs: slice = slice(None)
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Actions, drift seen, lag used and the gap between the two computations before it, each
+        (R, Br, S, L), as the live hooks would decide; lag and gap are 0 where the block was computed,
+        the gap is 0 too where no earlier computation exists.
 
         All runs, branches and blocks advance together, one step at a time, so a replay costs a
         few dozen array operations per step whatever the model's size.
@@ -107,29 +113,39 @@ class Replayer:
         t_all = np.broadcast_to(np.moveaxis(t_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
         w_all = np.broadcast_to(np.moveaxis(w_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
         last = np.full(r * br * lyr, -(10**6))
+        prev = last.copy()
         run_len = np.zeros(r * br * lyr, dtype=np.int64)
         actions = np.empty((self.steps, r * br * lyr), dtype=np.int8)
         seen = np.empty((self.steps, r * br * lyr))
         lags = np.empty((self.steps, r * br * lyr), dtype=np.int64)
+        gaps = np.empty((self.steps, r * br * lyr), dtype=np.int64)
         for s in range(self.steps):
             lag = np.minimum(s - last, width - 1)
             d = flat[s, rows, lag]
             a = choose(policy, s, d, t_all[s], w_all[s], run_len)
             recompute = a == Action.RECOMPUTE
+            actions[s], seen[s], lags[s] = a, d, lag
+            gaps[s] = np.where(prev >= 0, last - prev, 0)
+            prev[recompute] = last[recompute]
             last[recompute] = s
             run_len += 1
             run_len[recompute] = 0
-            actions[s], seen[s], lags[s] = a, d, lag
         shape = (self.steps, r, br, lyr)
-        back = (1, 2, 0, 3)
-        return (actions.reshape(shape).transpose(back), seen.reshape(shape).transpose(back),
-                np.where(actions == Action.RECOMPUTE, 0, lags).reshape(shape).transpose(back))
+        computed = actions == Action.RECOMPUTE
+
+        def back(x: np.ndarray) -> np.ndarray:
+            return x.reshape(shape).transpose(1, 2, 0, 3)
+
+        return back(actions), back(seen), back(np.where(computed, 0, lags)), back(np.where(computed, 0, gaps))
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
-        actions, seen, lags = self.decisions(policy, runs)
+        actions, seen, lags, gaps = self.decisions(policy, runs)
         reused = actions != Action.RECOMPUTE
-        idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
-        err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
+        if policy.forecast > 0:
+            err = self._forecast_err(policy.forecast, lags, gaps, runs)
+        else:
+            idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
+            err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
         err = np.where(actions == Action.WARP, err * self.warp_ratio[runs], err)
         err = np.where(reused, err, 0.0)
         # blocks of one step add up as independent errors; steps add up along the trajectory
@@ -149,14 +165,41 @@ class Replayer:
             ssim=self.quality.ssim(error) if self.quality else np.full(len(error), np.nan),
         )
 
+    def _forecast_err(self, weight: float, lags: np.ndarray, gaps: np.ndarray, runs: slice) -> np.ndarray:
+        """Relative error of the extrapolated residual r_c + w k (r_c - r_p) / g against the true r_s.
+
+        With c = s - k the last and p = c - g the previous computation, the error vector is
+        r_s - (1 + b) r_c + b r_p with b = w k / g, whose squared norm is a quadratic form in the
+        recorded residual Gram entries <r_i, r_{i-j}>; g = 0 (no earlier computation) is plain reuse.
+        """
+        if self._dots is None:
+            raise WarpcacheError("policy.forecast needs residual dot products the trace did not record; "
+                                 "re-profile with this version of warpcache")
+        dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
+        r, br, steps, lyr, span = dots.shape
+        ri, bi, _, li = np.ogrid[:r, :br, :1, :lyr]
+        s = np.arange(steps)[None, None, :, None]
+        c, p = s - lags, s - lags - gaps
+        b = np.where(gaps > 0, weight * lags / np.maximum(gaps, 1), 0.0)
+        a = 1.0 + b
+
+        def gram(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            """<r_i, r_j> for i >= j: row i of the table at distance i - j."""
+            return dots[ri, bi, np.clip(i, 0, steps - 1), li, np.clip(i - j, 0, span - 1)]
+
+        sq = (gram(s, s) + a * a * gram(c, c) + b * b * gram(p, p)
+              - 2 * a * gram(s, c) + 2 * b * gram(s, p) - 2 * a * b * gram(c, p))
+        return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))
+
     def _calibrate(self) -> QualityModel | None:
         cal = self.trace.meta.get("calibration")
         if not cal:
             return None
-        results = [self.run(Config.from_dict(c).policy, slice(0, 1)) for c in cal["configs"]]
+        runs = cal.get("runs") or [0] * len(cal["configs"])  # older traces calibrated on run 0 only
+        results = [self.run(Config.from_dict(c).policy, slice(r, r + 1)) for c, r in zip(cal["configs"], runs)]
         if cal.get("seconds"):
             self.overhead, self.reuse_cost, self.warp_cost = self._fit_costs(
-                results, np.asarray(cal["seconds"], np.float64))
+                results, runs, np.asarray(cal["seconds"], np.float64))
         errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
@@ -167,11 +210,13 @@ class Replayer:
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()))
 
-    def _fit_costs(self, results: list[ReplayResult], measured: np.ndarray) -> tuple[float, float, float]:
+    def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray
+                   ) -> tuple[float, float, float]:
         """Per-generation hook overhead, and what a reused and a warped block still cost, fit to the
         calibration runs' wall times (non-negative least squares over the three terms)."""
         acts = [r.actions[0] for r in results]
-        saved = np.array([float((self.block_seconds[0] * (a != Action.RECOMPUTE)).sum()) for a in acts])
+        saved = np.array([float((self.block_seconds[run] * (a != Action.RECOMPUTE)).sum())
+                          for a, run in zip(acts, runs)])
         counts = np.array([[1.0, float((a == Action.REUSE).sum()), float((a == Action.WARP).sum())] for a in acts])
         excess = measured - (self.plain_seconds - saved)
         coef = np.zeros(3)

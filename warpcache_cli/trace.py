@@ -21,6 +21,9 @@ K sketch tokens, C channels):
     run_seconds  (R,)                f32  wall time of each whole generation
     timestep, position, motion (R, S) f32
     sketch_in, sketch_res (R, Br, S, L, B, K, C) f16  input and residual on the first K subset tokens
+    res_dot      (R, Br, S, L, J)    f64  <r_s, r_{s-j}> on the token subset, summed over the batch, for
+                                          j = 0 .. 2G + 1 (0 where s - j < 0); forecast errors come from these
+    out_sq       (R, Br, S, L)       f64  ||x_s + r_s||^2 on the token subset, summed over the batch
     reference    (R, F, H, W, 3)     f16  the uncached output
     token_subset (K_drift,)          i64
 """
@@ -49,7 +52,7 @@ DRIFT_VARIANTS: tuple[tuple[str, float], ...] = (
 PER_BLOCK = ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")
 REQUIRED = ("drift", "reuse_err", *PER_BLOCK, "call_seconds", "run_seconds", "timestep", "position", "motion",
             "reference", "token_subset")
-OPTIONAL = ("sketch_in", "sketch_res", "plain_block_seconds")
+OPTIONAL = ("sketch_in", "sketch_res", "plain_block_seconds", "res_dot", "out_sq")
 
 
 def drift_variant(metric: str, power: float) -> int:
@@ -113,14 +116,14 @@ class Trace:
 
     def _check_shapes(self) -> None:
         r, br, s, lyr = self.shape
-        expect = {k: (r, br, s, lyr) for k in PER_BLOCK}
-        expect.update(call_seconds=(r, br, s), run_seconds=(r,), timestep=(r, s), position=(r, s), motion=(r, s))
+        if ("res_dot" in self.arrays) != ("out_sq" in self.arrays):
+            raise TraceError(f"{self.path}: arrays res_dot and out_sq come together; the trace has one")
+        expect = {k: (r, br, s, lyr) for k in (*PER_BLOCK, "out_sq")}
+        expect.update(call_seconds=(r, br, s), run_seconds=(r,), timestep=(r, s), position=(r, s), motion=(r, s),
+                      plain_block_seconds=(lyr,), res_dot=(r, br, s, lyr, 2 * self.lags + 2))
         for key, shape in expect.items():
-            if self.arrays[key].shape != shape:
+            if key in self.arrays and self.arrays[key].shape != shape:
                 raise TraceError(f"{self.path}: array {key} has shape {self.arrays[key].shape}, expected {shape}")
-        if "plain_block_seconds" in self.arrays and self.arrays["plain_block_seconds"].shape != (lyr,):
-            raise TraceError(f"{self.path}: array plain_block_seconds has shape "
-                             f"{self.arrays['plain_block_seconds'].shape}, expected ({lyr},)")
         d = self.arrays["drift"].shape
         if d[:4] != (r, br, s, lyr) or d[5] != len(DRIFT_VARIANTS):
             raise TraceError(f"{self.path}: array drift has shape {d}, inconsistent with the trace")

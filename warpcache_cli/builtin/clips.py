@@ -84,13 +84,16 @@ def parse_prompt(prompt: str) -> ClipSpec:
     return ClipSpec(main, other)
 
 
-def random_spec(rng: np.random.Generator, two_shapes_prob: float = 0.15) -> ClipSpec:
+def random_spec(
+    rng: np.random.Generator, two_shapes_prob: float = 0.15, speed_p: tuple[float, ...] | None = None
+) -> ClipSpec:
+    """A random clip; `speed_p` weights static/slow/fast (uniform by default)."""
     colours = list(COLOURS)
     main = ShapeSpec(
         colours[rng.integers(len(colours))],
         SHAPES[rng.integers(len(SHAPES))],
         list(DIRECTIONS)[rng.integers(len(DIRECTIONS))],
-        list(SPEEDS)[rng.integers(len(SPEEDS))],
+        list(SPEEDS)[rng.choice(len(SPEEDS), p=speed_p)],
     )
     if main.speed == "static":
         main = ShapeSpec(main.colour, main.shape, "left", "static")

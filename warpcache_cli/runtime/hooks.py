@@ -154,7 +154,7 @@ class BlockHook(ModelHook):
             residuals = [o - i for o, i in zip(self._outputs(out), inputs)]
             self._remember(state, keys, residuals, sketch, x)
         else:
-            residuals = [c.tensor for c in cached]
+            residuals = self._forecast(state, [c.tensor for c in cached])
             if action == Action.WARP and s.grid is not None and state.frame_map is not None:
                 now_map, _ = motion.frame_maps(x, s.grid, state.direction)
                 residuals[0], _ = motion.warp_with_maps(residuals[0], state.frame_map, now_map, s.grid, s.motion)
@@ -168,17 +168,44 @@ class BlockHook(ModelHook):
             s.observer.on_block(s, self.layer, x, residuals[0], time.perf_counter() - start, decision)
         return out
 
+    def _slope_key(self, stream: int, step: int) -> FeatureKey:
+        return FeatureKey(self.session.request_id(f"{stream}/slope"), self.layer, step)
+
+    def _forecast(self, state: BlockState, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Cached residuals moved on along their per-step slope, `forecast` of the way (TaylorSeer's first order).
+
+        Without a stored slope (one computation so far, or it did not fit the cache) plain reuse.
+        """
+        s = self.session
+        weight = s.config.policy.forecast * (s.step.step - state.computed_step)
+        if weight == 0.0:
+            return residuals
+        out = []
+        for k, r in enumerate(residuals):
+            slope = s.store.get(self._slope_key(k, state.computed_step))
+            out.append(r if slope is None else r + weight * slope.tensor)
+        return out
+
     def _remember(self, state: BlockState, old_keys: list[FeatureKey], residuals: list[torch.Tensor],
                   sketch: torch.Tensor, x: torch.Tensor) -> None:
-        """Store the new residuals in place of the old; a residual that does not fit means no reuse next time."""
+        """Store the new residuals in place of the old; a residual that does not fit means no reuse next time.
+
+        With forecasting on, the slope from the previous computation is stored too; it needs that
+        computation kept, so storing starts one step earlier.
+        """
         s = self.session
         step, p, grid = s.step.step, s.config.policy, s.grid
-        needed = step + 1 >= p.warm_up_steps  # could the next step reuse this at all?
+        forecast = p.forecast > 0
+        needed = step + 1 + forecast >= p.warm_up_steps  # could a later step reuse (or extrapolate from) this?
         fits = True
         for k, (old, r) in enumerate(zip(old_keys, residuals)):
+            prev = s.store.get(old) if forecast and needed else None
             s.store.delete(old)
+            s.store.delete(self._slope_key(k, state.computed_step))
             if needed:
                 fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
+            if fits and prev is not None:  # a slope that does not fit only means plain reuse
+                s.store.put(self._slope_key(k, step), (r.detach() - prev.tensor) / (step - state.computed_step))
         warpable = (needed and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
                     and p.warp_threshold > 0 and self.layer not in p.no_warp_layers)
         state.sketch = sketch.detach() if fits else None

@@ -163,7 +163,7 @@ class CacheSession:
     def block_state(self, layer: int) -> BlockState:
         return self._blocks.setdefault((self.branch, layer), BlockState())
 
-    def request_id(self, stream: int) -> str:
+    def request_id(self, stream: int | str) -> str:
         req = f"{self.tracker.generation}/{self.branch}/{stream}"
         self._requests.add(req)
         return req
