@@ -58,7 +58,7 @@ from warpcache_cli.metrics import PHASES
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import Action
 from warpcache_cli.profile import DEFAULT_LAGS, Recorder, build_trace, calibration_configs, call_timer
-from warpcache_cli.replay import Replayer
+from warpcache_cli.replay import PRIOR_PSNR_INTERCEPT, PSNR_SLOPE, Replayer
 from warpcache_cli.runtime.adapters import Grid, find_transformer
 from warpcache_cli.runtime.session import CacheSession
 from warpcache_cli.trace import Trace
@@ -93,7 +93,8 @@ def check_writable(path: str) -> None:
 
 
 def prior_calibration(trace: Trace, base: Config) -> dict[str, Any]:
-    """The prior PSNR = -20 log10(E) (and 1 - SSIM = E^2) as one point in the trace's calibration format.
+    """The prior PSNR = PRIOR_PSNR_INTERCEPT - 20 log10(E) (and 1 - SSIM = E^2) as one point in the trace's
+    calibration format.
 
     With one point the replay keeps its prior slopes (-20 and 2) and puts the line through that point,
     so the line does not depend on which config is the anchor. The anchor only has to inject some
@@ -103,7 +104,7 @@ def prior_calibration(trace: Trace, base: Config) -> dict[str, Any]:
     error = float(Replayer(trace).run(anchor.policy, slice(0, 1)).error[0])
     if not error > 0:
         raise WarpcacheError("the profiled generations leave nothing to reuse (too few steps)")
-    return {"configs": [anchor.to_dict()], "psnr": [-20.0 * math.log10(error)], "ssim": [1.0 - error**2],
+    return {"configs": [anchor.to_dict()], "psnr": [PRIOR_PSNR_INTERCEPT + PSNR_SLOPE * math.log10(error)], "ssim": [1.0 - error**2],
             "source": "prior"}
 
 
