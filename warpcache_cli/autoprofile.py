@@ -104,8 +104,8 @@ def prior_calibration(trace: Trace, base: Config) -> dict[str, Any]:
     error = float(Replayer(trace).run(anchor.policy, slice(0, 1)).error[0])
     if not error > 0:
         raise WarpcacheError("the profiled generations leave nothing to reuse (too few steps)")
-    return {"configs": [anchor.to_dict()], "psnr": [PRIOR_PSNR_INTERCEPT + PSNR_SLOPE * math.log10(error)], "ssim": [1.0 - error**2],
-            "source": "prior"}
+    return {"configs": [anchor.to_dict()], "psnr": [PRIOR_PSNR_INTERCEPT + PSNR_SLOPE * math.log10(error)],
+            "ssim": [1.0 - error**2], "source": "prior"}
 
 
 @dataclass(frozen=True)

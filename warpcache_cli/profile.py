@@ -25,6 +25,7 @@ from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import drift_variants
+from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.session import CacheSession, Decision
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
 
@@ -282,7 +283,7 @@ def profile(
         rec.close()
         recorders.append(rec)
         refs.append(frames)
-    plain_seconds, block_seconds = _plain_timing(pipe, transformer, requests[0])
+    plain_seconds, block_seconds, block_input = _plain_timing(pipe, transformer, requests[0])
     first = requests[0]
     trace = build_trace(
         transformer, session, recorders, refs, run_secs,
@@ -297,13 +298,17 @@ def profile(
         plain_seconds=plain_seconds,
     )
     trace.arrays["plain_block_seconds"] = block_seconds
+    if session.grid is not None:
+        trace.meta["warp_seconds"] = _warp_timing(block_input, session.grid)
     if calibrate:
         trace.meta["calibration"] = _calibration(pipe, requests, trace, refs, calibrate, policy)
     return trace
 
 
-def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request) -> tuple[float, np.ndarray]:
-    """Wall time of an unhooked run, and each block's mean time in it: what skipping a block really saves.
+def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request
+                  ) -> tuple[float, np.ndarray, torch.Tensor | None]:
+    """Wall time of an unhooked run, each block's mean time in it (what skipping a block really saves),
+    and the last block input seen (a tensor of the right shape to time the warp on).
 
     Block times recorded under the profiler's hooks run slow (the measurements between blocks
     evict caches), so the replay's speed estimate uses these instead.
@@ -311,7 +316,11 @@ def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request) -> tupl
     blocks = runtime.find_blocks(transformer)
     totals, calls, starts = np.zeros(len(blocks)), np.zeros(len(blocks)), [0.0]
 
+    seen: list[torch.Tensor] = []
+
     def pre(module: torch.nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen[:] = [args[0]]
         starts[0] = time.perf_counter()
 
     def post(i: int, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -329,7 +338,33 @@ def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request) -> tupl
     finally:
         for h in handles:
             h.remove()
-    return seconds, (totals / np.maximum(calls, 1)).astype(np.float32)
+    return seconds, (totals / np.maximum(calls, 1)).astype(np.float32), seen[0] if seen else None
+
+
+def _warp_timing(x: torch.Tensor | None, grid: Grid, repeats: int = 20) -> dict[str, float] | None:
+    """Seconds the live hooks spend on warping, timed directly: one warp (map the input, shift the
+    residual) and one map of a computed block's input kept for a later warp.
+
+    Fitting these from whole-run timings alongside the other costs is ill-conditioned (the
+    calibration's few runs vary by more than these costs), so they are measured and held fixed.
+    """
+    if x is None or x.dim() != 3 or x.shape[1] != grid[0] * grid[1] * grid[2]:
+        return None
+    with torch.no_grad():
+        cached_map, direction = motion.frame_maps(x, grid)
+        _sync(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            now_map, _ = motion.frame_maps(x, grid, direction)
+            motion.warp_with_maps(x, cached_map, now_map, grid, 1.0)
+        _sync(x)
+        warp = (time.perf_counter() - start) / repeats
+        start = time.perf_counter()
+        for _ in range(repeats):
+            motion.frame_maps(x, grid)
+        _sync(x)
+        mapped = (time.perf_counter() - start) / repeats
+    return {"warped block": warp, "block mapped for warping": mapped}
 
 
 def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:

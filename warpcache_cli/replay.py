@@ -21,12 +21,12 @@ from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.policy import Action, ceilings, choose
 from warpcache_cli.trace import Trace, drift_variant
 
-
 # PSNR falls 20 dB per decade of injected error: output error grows in proportion to it. Only the
 # intercept is fit to calibration runs; a free slope fit to a few single-seed runs swings from -6 to
 # -16 and extrapolates badly. Without calibration runs (auto-profiling) the intercept is this one,
 # measured on the built-in model (72 runs of 24 configs on 3 seeds).
 PSNR_SLOPE = -20.0
+COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping")
 PRIOR_PSNR_INTERCEPT = -7.6
 
 
@@ -82,7 +82,7 @@ class Replayer:
         self.block_seconds = (np.broadcast_to(np.asarray(plain_blocks, np.float64), a["block_seconds"].shape)
                               if plain_blocks is not None else np.asarray(a["block_seconds"], np.float64))
         # what caching itself costs, in seconds: per generation, per reused block, per warped block; calibrated
-        self.overhead = self.reuse_cost = self.warp_cost = 0.0
+        self.costs = np.zeros(len(COST_TERMS))
         plain = trace.meta.get("plain_seconds")
         self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))
         t = np.asarray(a["timestep"], np.float64)
@@ -163,9 +163,7 @@ class Replayer:
         # blocks of one step add up as independent errors; steps add up along the trajectory
         per_step = np.sqrt((err**2).sum(axis=3)).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        saved = ((self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.overhead
-                 - self.reuse_cost * (actions == Action.REUSE).sum(axis=(1, 2, 3))
-                 - self.warp_cost * (actions == Action.WARP).sum(axis=(1, 2, 3)))
+        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.cost_counts(policy, actions) @ self.costs
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -208,10 +206,10 @@ class Replayer:
         if not cal:
             return None
         runs = cal.get("runs") or [0] * len(cal["configs"])  # older traces calibrated on run 0 only
-        results = [self.run(Config.from_dict(c).policy, slice(r, r + 1)) for c, r in zip(cal["configs"], runs)]
+        policies = [Config.from_dict(c).policy for c in cal["configs"]]
+        results = [self.run(p, slice(r, r + 1)) for p, r in zip(policies, runs)]
         if cal.get("seconds"):
-            self.overhead, self.reuse_cost, self.warp_cost = self._fit_costs(
-                results, runs, np.asarray(cal["seconds"], np.float64))
+            self.costs = self._fit_costs(policies, results, runs, np.asarray(cal["seconds"], np.float64))
         errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
@@ -222,24 +220,39 @@ class Replayer:
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()))
 
-    def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray
-                   ) -> tuple[float, float, float]:
-        """Per-generation hook overhead, and what a reused and a warped block still cost, fit to the
-        calibration runs' wall times (non-negative least squares over the three terms)."""
-        acts = [r.actions[0] for r in results]
-        saved = np.array([float((self.block_seconds[run] * (a != Action.RECOMPUTE)).sum())
-                          for a, run in zip(acts, runs)])
-        counts = np.array([[1.0, float((a == Action.REUSE).sum()), float((a == Action.WARP).sum())] for a in acts])
+    def cost_counts(self, policy: PolicyConfig, actions: np.ndarray) -> np.ndarray:
+        """(R, len(COST_TERMS)): how often each cost the hooks add beyond the blocks they run is paid.
+
+        With warping on, every block computed from the step before the first possible reuse also
+        maps its input for a later warp, whether or not a warp follows.
+        """
+        warp_layers = ~np.isin(self.layers, policy.no_warp_layers) & (policy.warp_threshold > 0)
+        mapped = (actions == Action.RECOMPUTE) & warp_layers
+        mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
+        return np.stack([np.ones(len(actions)), (actions == Action.REUSE).sum(axis=(1, 2, 3)),
+                         (actions == Action.WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3))], axis=1)
+
+    def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
+                   measured: np.ndarray) -> np.ndarray:
+        """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
+        saved = np.array([float((self.block_seconds[run] * (r.actions[0] != Action.RECOMPUTE)).sum())
+                          for r, run in zip(results, runs)])
+        counts = np.concatenate([self.cost_counts(p, r.actions) for p, r in zip(policies, results)])
         excess = measured - (self.plain_seconds - saved)
-        coef = np.zeros(3)
-        active = [i for i in range(3) if counts[:, i].any()]
+        coef = np.zeros(len(COST_TERMS))
+        timed = self.trace.meta.get("warp_seconds") or {}  # measured at profile time: held, not fit
+        fixed = [i for i, name in enumerate(COST_TERMS) if name in timed]
+        for i in fixed:
+            coef[i] = float(timed[COST_TERMS[i]])
+            excess = excess - counts[:, i] * coef[i]
+        active = [i for i in range(len(COST_TERMS)) if counts[:, i].any() and i not in fixed]
         while active:  # drop terms that come out negative and refit: a tiny NNLS
             sol = np.linalg.lstsq(counts[:, active], excess, rcond=None)[0]
             if (sol >= 0).all():
                 coef[active] = sol
                 break
             active.pop(int(np.argmin(sol)))
-        return float(coef[0]), float(coef[1]), float(coef[2])
+        return coef
 
 
 @dataclass
