@@ -10,6 +10,7 @@ fastest whose measured quality meets the budget on every validation seed.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -81,7 +82,9 @@ class SearchSpace:
         metric = trial.suggest_categorical("drift_metric", ["cosine", "l2"])
         power = trial.suggest_categorical("saliency_power", POWERS)
         variant = DRIFT_VARIANTS.index(("l2", 0.0) if metric == "l2" else ("cosine", power))
-        base = self.threshold(variant, trial.suggest_float("base_q", 0.02, 0.999))
+        # up to the largest drift recorded: then the schedule alone (warm-up, max_consecutive_reuse, forecast)
+        # decides, as in FORA or TaylorSeer, which the search must be able to reach
+        base = self.threshold(variant, trial.suggest_float("base_q", 0.02, 1.0))
         warp_frac = trial.suggest_float("warp_frac", 0.0, 1.0)
         a = trial.suggest_float("phase_start", 0.0, 0.6)
         b = min(1.0, a + trial.suggest_float("phase_span", 0.05, 0.9))
@@ -104,6 +107,26 @@ class SearchSpace:
             layer_multipliers={k: float(v**strength) for k, v in self.multipliers.items()},
             no_warp_layers=self.no_warp if use_warp_profile else (),
         )
+
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Trials the search starts from: fixed reuse schedules with forecasting (TaylorSeer's shape) and
+        without (FORA's), after 2 to 6 warm-up steps. Drift-driven configs must beat these to win, and
+        a schedule is a corner (threshold at the largest drift) a sampler seldom lands on by itself.
+        """
+        out = []
+        for interval, warm_up, forecast in itertools.product((2, 3, 4), (2, 4, 6), (1.0, 0.0)):
+            if warm_up >= self.steps or interval - 1 > self.lags:
+                continue
+            params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,
+                      "phase_early": 1.0, "phase_late_share": 0.0, "sensitivity_strength": 0.0, "min_frac": 1.0,
+                      "motion_scale": 0.0, "warm_up_steps": warm_up, "max_consecutive_reuse": interval - 1}
+            if self.forecast:
+                params["forecast"] = forecast
+            elif forecast:
+                continue
+            out.append(params)
+        return out
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
@@ -207,9 +230,16 @@ class Tuner:
             seed=seed, n_startup_trials=min(40, max(10, trials // 10)), multivariate=True,
         )
         directions = ["maximize", "maximize"] if pareto else ["maximize"]
+        opened = open_storage(storage)
+        fresh = True  # only the worker that creates a study seeds it, or workers would run the seeds twice
         try:
-            study = optuna.create_study(storage=open_storage(storage), study_name=study_name, sampler=sampler,
-                                        directions=directions, load_if_exists=True)
+            try:
+                study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
+                                            directions=directions)
+            except optuna.exceptions.DuplicatedStudyError:
+                fresh = False
+                study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
+                                            directions=directions, load_if_exists=True)
         except ValueError as exc:
             raise WarpcacheError(f"study {study_name!r}: {exc}") from None
         if study.directions != [optuna.study.StudyDirection.MAXIMIZE] * len(directions):
@@ -218,6 +248,9 @@ class Tuner:
         if done and set(done[0].params) != set(self._param_names()):
             raise WarpcacheError(f"study {study_name!r} has a different search space; use another --study-name")
         complete = (optuna.trial.TrialState.COMPLETE,)
+        if fresh:
+            for params in self.space.schedules():
+                study.enqueue_trial(params, user_attrs={"schedule": True})
 
         def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if on_trial:
@@ -248,20 +281,25 @@ class Tuner:
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return [t for t in done if t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
 
-    def candidates(self, study: optuna.Study, k: int, margin_db: float = 2.0) -> list[Candidate]:
-        """Up to k feasible configs: the fastest, then ones trading speed for more PSNR headroom.
+    def candidates(self, study: optuna.Study, k: int, margin_db: float = 1.0) -> list[Candidate]:
+        """Up to k feasible configs on the estimated speed / PSNR front: the fastest, then ones trading
+        speed for at least `margin_db` more PSNR headroom each (measured PSNR scatters by several dB
+        around the estimate on unseen seeds, so headroom is worth buying), and the fastest fixed schedule.
 
-        Measured PSNR scatters by several dB around the estimate on unseen seeds, so the headroom
-        steps are wide: five candidates span about 8 dB above the budget.
+        The schedule is the hedge: drift-driven configs are judged on the recorded trajectory, and
+        live runs leave it after their first reuse, so their estimates err more than a schedule's.
         """
         feasible = [t for t in self._skipping(study) if t.user_attrs["constraint"] <= 0.0]
-        feasible.sort(key=lambda t: -t.user_attrs["est_speedup"])
+        feasible.sort(key=lambda t: (-t.user_attrs["est_speedup"], -t.user_attrs["est_psnr"]))
+        schedule = next((t for t in feasible if t.user_attrs.get("schedule")), None)
         picked: list[optuna.trial.FrozenTrial] = []
         for t in feasible:
-            if len(picked) == k:
+            if len(picked) == k - (schedule is not None):
                 break
             if not picked or t.user_attrs["est_psnr"] >= picked[-1].user_attrs["est_psnr"] + margin_db:
                 picked.append(t)
+        if schedule is not None and schedule not in picked:
+            picked = sorted([*picked, schedule], key=lambda t: -t.user_attrs["est_speedup"])
         return [self._candidate(t) for t in picked]
 
 
