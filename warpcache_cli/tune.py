@@ -115,12 +115,12 @@ class SearchSpace:
         a schedule is a corner (threshold at the largest drift) a sampler seldom lands on by itself.
         """
         out = []
-        for interval, warm_up, forecast in itertools.product((2, 3, 4), (2, 4, 6), (1.0, 0.0)):
-            if warm_up >= self.steps or interval - 1 > self.lags:
+        for interval, warm, forecast in itertools.product((2, 3, 4), (2, 4, 6), (1.0, 0.0)):
+            if warm >= self.steps or interval - 1 > self.lags:
                 continue
             params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,
                       "phase_early": 1.0, "phase_late_share": 0.0, "sensitivity_strength": 0.0, "min_frac": 1.0,
-                      "motion_scale": 0.0, "warm_up_steps": warm_up, "max_consecutive_reuse": interval - 1}
+                      "motion_scale": 0.0, "warm_up_steps": warm, "max_consecutive_reuse": interval - 1}
             if self.forecast:
                 params["forecast"] = forecast
             elif forecast:
