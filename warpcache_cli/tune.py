@@ -344,6 +344,18 @@ def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], bu
     return max(ok, key=lambda c: c.measured_speedup) if ok else None
 
 
+def validation_requests(traces: list[Trace], seeds: list[int] | None) -> list[Request]:
+    """Every prompt of the traces on seeds they did not record (unless given), same steps and shape."""
+    m = traces[0].meta
+    if seeds is None:
+        top = max(s for t in traces for s in t.meta["seeds"])
+        seeds = [top + 1001, top + 1002]
+    shape = m.get("request", {})
+    prompts = dict.fromkeys(p for t in traces for p in t.meta["prompts"])
+    return [Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
+            for p in prompts for s in seeds]
+
+
 def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: float | None = None, seed: int = 0,
          storage: str | None = None, study_name: str | None = None, pareto: bool = False,
          pipe: Any = None, validation: list[Request] | None = None, top_k: int = 5,

@@ -16,26 +16,14 @@ from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import console, err_console, print_json, progress, table
 from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
-from warpcache_cli.models import Request, load_model
+from warpcache_cli.models import load_model
 from warpcache_cli.trace import Trace
-from warpcache_cli.tune import TuneResult, redact, tune
+from warpcache_cli.tune import TuneResult, redact, tune, validation_requests
 
 CONFIG_NAME = "warpcache-config.json"
 SENSITIVITY_NAME = "warpcache-sensitivity.json"
 HEATMAP_NAME = "warpcache-sensitivity.png"
 REPORT_NAME = "warpcache-tune-report.json"
-
-
-def validation_requests(traces: list[Trace], seeds: list[int] | None) -> list[Request]:
-    """Every prompt of the traces on seeds they did not record (unless given), same steps and shape."""
-    m = traces[0].meta
-    if seeds is None:
-        top = max(s for t in traces for s in t.meta["seeds"])
-        seeds = [top + 1001, top + 1002]
-    shape = m.get("request", {})
-    prompts = dict.fromkeys(p for t in traces for p in t.meta["prompts"])
-    return [Request(p, s, m["steps"], m["guidance"], shape.get("frames"), shape.get("height"), shape.get("width"))
-            for p in prompts for s in seeds]
 
 
 def _report(result: TuneResult, budget: Budget, storage: str | None, outputs: dict[str, str]) -> dict[str, Any]:
