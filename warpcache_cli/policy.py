@@ -21,6 +21,8 @@ class Action(IntEnum):
 
 
 ArrayLike = float | np.ndarray
+# plain int8 values for the array paths: an Enum member lookup costs microseconds, and the replay makes many
+RECOMPUTE, REUSE, WARP = (np.int8(a) for a in Action)
 
 
 def phase_multiplier(
@@ -64,10 +66,9 @@ def choose(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, w: Arra
     blocks (the offline replay) alike.
     """
     if step < cfg.warm_up_steps:
-        return np.full(np.shape(drift), Action.RECOMPUTE, dtype=np.int8)
+        return np.full(np.shape(drift), RECOMPUTE, dtype=np.int8)
     recompute = (drift > t) | (reuse_run >= cfg.max_consecutive_reuse)
-    return np.where(recompute, np.int8(Action.RECOMPUTE), np.where(drift <= w, np.int8(Action.REUSE),
-                                                                   np.int8(Action.WARP)))
+    return np.where(recompute, RECOMPUTE, np.where(drift <= w, REUSE, WARP))
 
 
 def decide(

@@ -18,7 +18,7 @@ import numpy as np
 
 from warpcache_cli.config import Config, PolicyConfig
 from warpcache_cli.errors import WarpcacheError
-from warpcache_cli.policy import Action, ceilings, choose
+from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, choose
 from warpcache_cli.trace import Trace, drift_variant
 
 # PSNR falls 20 dB per decade of injected error: output error grows in proportion to it. Only the
@@ -130,20 +130,21 @@ class Replayer:
         actions = np.empty((self.steps, r * br * lyr), dtype=np.int8)
         seen = np.empty((self.steps, r * br * lyr))
         lags = np.empty((self.steps, r * br * lyr), dtype=np.int64)
-        gaps = np.empty((self.steps, r * br * lyr), dtype=np.int64)
+        prevs = np.empty((self.steps, r * br * lyr), dtype=np.int64)  # the computation before the last
         for s in range(self.steps):
             lag = np.minimum(s - last, width - 1)
             d = flat[s, rows, lag]
             a = choose(policy, s, d, t_all[s], w_all[s], run_len)
-            recompute = a == Action.RECOMPUTE
+            recompute = a == RECOMPUTE
             actions[s], seen[s], lags[s] = a, d, lag
-            gaps[s] = np.where(prev >= 0, last - prev, 0)
+            prevs[s] = prev
             prev[recompute] = last[recompute]
             last[recompute] = s
             run_len += 1
             run_len[recompute] = 0
         shape = (self.steps, r, br, lyr)
-        computed = actions == Action.RECOMPUTE
+        computed = actions == RECOMPUTE
+        gaps = np.where(prevs >= 0, np.arange(self.steps)[:, None] - lags - prevs, 0)
 
         def back(x: np.ndarray) -> np.ndarray:
             return x.reshape(shape).transpose(1, 2, 0, 3)
@@ -152,13 +153,13 @@ class Replayer:
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
         actions, seen, lags, gaps = self.decisions(policy, runs)
-        reused = actions != Action.RECOMPUTE
+        reused = actions != RECOMPUTE
         if policy.forecast > 0:
             err = self._forecast_err(policy.forecast, lags, gaps, runs)
         else:
             idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
             err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
-        err = np.where(actions == Action.WARP, err * self.warp_ratio[runs], err)
+        err = np.where(actions == WARP, err * self.warp_ratio[runs], err)
         err = np.where(reused, err, 0.0)
         # blocks of one step add up as independent errors; steps add up along the trajectory
         per_step = np.sqrt((err**2).sum(axis=3)).mean(axis=1)  # (R, S)
@@ -187,18 +188,15 @@ class Replayer:
                                  "re-profile with this version of warpcache")
         dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
         r, br, steps, lyr, span = dots.shape
-        ri, bi, _, li = np.ogrid[:r, :br, :1, :lyr]
-        s = np.arange(steps)[None, None, :, None]
-        c, p = s - lags, s - lags - gaps
+        ri, bi, si, li = np.ogrid[:r, :br, :steps, :lyr]
+        c, p = np.clip(si - lags, 0, None), np.clip(si - lags - gaps, 0, None)
         b = np.where(gaps > 0, weight * lags / np.maximum(gaps, 1), 0.0)
         a = 1.0 + b
-
-        def gram(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            """<r_i, r_j> for i >= j: row i of the table at distance i - j."""
-            return dots[ri, bi, np.clip(i, 0, steps - 1), li, np.clip(i - j, 0, span - 1)]
-
-        sq = (gram(s, s) + a * a * gram(c, c) + b * b * gram(p, p)
-              - 2 * a * gram(s, c) + 2 * b * gram(s, p) - 2 * a * b * gram(c, p))
+        norms = dots[..., 0]  # <r_i, r_i>
+        sq = (norms + a * a * norms[ri, bi, c, li] + b * b * norms[ri, bi, p, li]
+              - 2 * a * dots[ri, bi, si, li, np.minimum(lags, span - 1)]
+              + 2 * b * dots[ri, bi, si, li, np.minimum(lags + gaps, span - 1)]
+              - 2 * a * b * dots[ri, bi, c, li, np.minimum(gaps, span - 1)])
         return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))
 
     def _calibrate(self) -> QualityModel | None:
@@ -227,15 +225,15 @@ class Replayer:
         maps its input for a later warp, whether or not a warp follows.
         """
         warp_layers = ~np.isin(self.layers, policy.no_warp_layers) & (policy.warp_threshold > 0)
-        mapped = (actions == Action.RECOMPUTE) & warp_layers
+        mapped = (actions == RECOMPUTE) & warp_layers
         mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
-        return np.stack([np.ones(len(actions)), (actions == Action.REUSE).sum(axis=(1, 2, 3)),
-                         (actions == Action.WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3))], axis=1)
+        return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
+                         (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3))], axis=1)
 
     def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
                    measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
-        saved = np.array([float((self.block_seconds[run] * (r.actions[0] != Action.RECOMPUTE)).sum())
+        saved = np.array([float((self.block_seconds[run] * (r.actions[0] != RECOMPUTE)).sum())
                           for r, run in zip(results, runs)])
         counts = np.concatenate([self.cost_counts(p, r.actions) for p, r in zip(policies, results)])
         excess = measured - (self.plain_seconds - saved)
