@@ -338,5 +338,12 @@ def warp_with_maps(
     instead of the full cached input."""
     if _alpha(motion) == 0.0:
         return residual, 0.0
-    shift = estimate_shift(cached_maps, now_maps).mean(dim=1)  # (B, 2)
+    return warp_by_shift(residual, estimate_shift(cached_maps, now_maps).mean(dim=1), grid, motion)
+
+
+def warp_by_shift(residual: Tensor, shift: Tensor, grid: tuple[int, int, int], motion: float) -> tuple[Tensor, float]:
+    """`warp_with_maps` with the ``(B, 2)`` shift already estimated: the profiler estimates every block's
+    shift of a call in one batch, which costs about what one block's estimate does."""
+    if _alpha(motion) == 0.0:
+        return residual, 0.0
     return blend(residual, warp_tokens(residual, shift, grid), motion)

@@ -119,6 +119,15 @@ def drift_variants(x: torch.Tensor, x_cached: torch.Tensor, variants: tuple[tupl
         if cos is None:
             cos = torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12)
             norm = c.norm(dim=-1).clamp_min(1e-12)
-        w = norm.pow(power)
-        out.append(((1.0 - cos) * w).sum(dim=-1) / w.sum(dim=-1))
+        out.append(saliency_drift(cos, norm, power))
     return torch.stack(out)
+
+
+def saliency_drift(cos: torch.Tensor, norm: torch.Tensor, power: float) -> torch.Tensor:
+    """The cosine drift from per-token cosines and the cached tokens' norms (clamped), both (..., K).
+
+    Apart so the profiler, which keeps each step's token norms and unit tokens for the next eight
+    steps' comparisons, computes the same numbers without computing them again.
+    """
+    w = norm.pow(power)
+    return ((1.0 - cos) * w).sum(dim=-1) / w.sum(dim=-1)

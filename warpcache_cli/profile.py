@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
-from warpcache_cli.policy import drift_variants
+from warpcache_cli.policy import saliency_drift
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.session import CacheSession, Decision
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
@@ -40,37 +39,97 @@ def _sync(t: torch.Tensor) -> None:
 
 
 @dataclass
-class _Past:
-    """One block's last inputs and residuals for one branch: what drift and reuse error compare against."""
+class _History:
+    """One CFG branch's past, all blocks together: what drift, reuse error and warp error compare against.
 
-    sketches: deque = field(default_factory=deque)  # (x_sub, r_sub) of previous steps, newest last
-    residuals: deque = field(default_factory=deque)  # r_sub of up to 2G + 1 previous steps, for the Gram table
-    x: torch.Tensor | None = None  # full input and residual of the previous step
-    r: torch.Tensor | None = None
-    frame_map: torch.Tensor | None = None
-    direction: torch.Tensor | None = None
+    Sketches sit in ring buffers, the current step's in slot `steps % slots`: `lags + 1` steps of
+    inputs, `2 lags + 2` of residuals (the Gram table's reach). Each is written once, by the block
+    hook, and never copied; the rings fill in slot order and only filled slots are read, so they
+    start uninitialised. What later steps need of a step (unit tokens, norms) is kept, not recomputed.
+    """
+
+    x: torch.Tensor  # (L, lags + 1, B, K, C) input sketches, float32
+    unit: torch.Tensor  # (L, lags + 1, B, K, C) input sketch tokens scaled to unit length
+    weight: torch.Tensor  # (L, lags + 1, B, K) input sketch token norms, clamped: the saliency weights
+    norm: torch.Tensor  # (L, lags + 1, B) input sketch norms, clamped: the L2 drift's denominator
+    r: torch.Tensor  # (L, 2 lags + 2, B, K, C) residual sketches, float64 as the Gram table needs
+    r_sq: torch.Tensor  # (L, 2 lags + 2, B) their squared norms
+    full_x: list[torch.Tensor | None]  # per block, the last step's full input and residual
+    full_r: list[torch.Tensor | None]
+    frame_map: list[torch.Tensor | None]  # per block, the last step's warp map and direction, where the
+    direction: list[torch.Tensor | None]  # next step measures warping
+    token_norm: torch.Tensor | None = None  # (L, B, N) the last step's full input token norms, clamped
+    full_norm: torch.Tensor | None = None  # (L, B) and whole input norms, clamped
+    steps: int = 0  # calls analysed
+
+    @classmethod
+    def empty(cls, blocks: int, lags: int, sketch: torch.Size, device: torch.device) -> _History:
+        def ring(slots: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.empty(blocks, slots, *shape, device=device, dtype=dtype)
+
+        g = lags + 1
+        return cls(ring(g, *sketch), ring(g, *sketch), ring(g, *sketch[:-1]), ring(g, *sketch[:-2]),
+                   ring(2 * g, *sketch, dtype=torch.float64), ring(2 * g, *sketch[:-2], dtype=torch.float64),
+                   *([None] * blocks for _ in range(4)))
+
+    def slot(self, ring: torch.Tensor, lag: int = 0) -> int:
+        """Where the step `lag` steps before the current one sits in `ring`."""
+        return (self.steps - lag) % ring.shape[1]
+
+
+@dataclass
+class _Warp:
+    """A block whose warp error the call measures, once the call's shifts are estimated together."""
+
+    layer: int
+    past_map: torch.Tensor  # the previous step's map and residual
+    past_r: torch.Tensor
+    map: torch.Tensor  # this step's map, reduced on the previous step's direction
+
+
+@dataclass
+class _Call:
+    """What the block hooks of one transformer call kept for the analysis once the call is over."""
+
+    branch: int
+    step: int
+    grid: tuple[int, int, int] | None
+    power: float  # the policy's saliency power, for the full-tensor cosine drift
+    seconds: list[float] = field(default_factory=list)
+    parts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per block: reductions of its full tensors
+    warps: list[_Warp] = field(default_factory=list)
 
 
 class Recorder:
-    """A `BlockObserver` that turns one full-compute generation into per-block rows."""
+    """A `BlockObserver` that turns one full-compute generation into per-block rows.
+
+    Blocks of the built-in model take milliseconds, so the count of tensor operations matters more
+    than their size: the block hook only copies the token sketches into the history and reduces its
+    full tensors while they are in cache (a few norms and dot products); everything else (lag
+    tables, ratios, drift weighting, warp shifts) runs batched over the blocks once the transformer
+    call is over (`on_call`, `close`), off the block timings.
+    """
 
     def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
         self.lags, self.sketch_tokens, self.on_step = lags, sketch_tokens, on_step
         self.branches: list[str] = []
-        self.rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (branch, step) -> arrays over blocks, (L, ...)
         self.steps: dict[int, tuple[float, float, float]] = {}
         self.call_seconds: dict[tuple[int, int], float] = {}  # (branch, step) -> wall time of the whole call
-        self._past: dict[tuple[str, int], _Past] = {}
+        self._history: dict[int, _History] = {}
+        self._call: _Call | None = None
         self.token_subset = torch.zeros(0, dtype=torch.long)
 
     def on_call(self, session: CacheSession, seconds: float) -> None:
-        """One whole transformer call (blocks plus everything around them) took `seconds`."""
+        """One whole transformer call (blocks plus everything around them) took `seconds`: analyse its blocks."""
         if session.step is not None and session.branch in self.branches:
             self.call_seconds[(self.branches.index(session.branch), session.step.step)] = seconds
+        self._flush()
 
     def close(self) -> None:
-        """Drop the previous step's full tensors once the generation is over: the rows are all a trace needs."""
-        self._past.clear()
+        """Analyse the last call if `on_call` did not, then drop the history: the rows are all a trace needs."""
+        self._flush()
+        self._history.clear()
 
     def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
                  seconds: float, decision: Decision) -> None:
@@ -82,79 +141,128 @@ class Recorder:
             self.steps[step.step] = (step.timestep, step.position, session.motion)
             if self.on_step:
                 self.on_step(step.step)
-        past = self._past.setdefault((session.branch, layer),
-                                     _Past(deque(maxlen=self.lags), deque(maxlen=2 * self.lags + 1)))
+        if self._call is not None and (self._call.branch, self._call.step) != (b, step.step):
+            self._flush()  # a call that ended without `on_call`
+        if self._call is None:
+            self._call = _Call(b, step.step, session.grid, session.config.policy.saliency_power)
         with torch.no_grad():
-            row = self._measure(session, x, residual, past)
-        row["block_seconds"] = seconds
-        self.rows[(b, step.step, layer)] = row
+            self._capture(session, self._call, layer, x.detach(), residual.detach())
+        self._call.seconds.append(seconds)
 
-    def _measure(self, session: CacheSession, x: torch.Tensor, r: torch.Tensor, past: _Past) -> dict[str, Any]:
-        p = session.config.policy
+    def _capture(self, session: CacheSession, call: _Call, layer: int, x: torch.Tensor, r: torch.Tensor) -> None:
+        """The block's part: its sketches into the history, reductions of its full tensors, its warp maps."""
         idx = session.subset(x.shape[1], x.device)
-        self.token_subset = idx.cpu()
-        xs, rs = x[:, idx], r[:, idx].float()
-        out_norm = (xs.float() + rs).flatten(1).norm(dim=1).clamp_min(1e-12)
-        g = self.lags
-        row: dict[str, Any] = {
-            "drift": np.full((g, len(DRIFT_VARIANTS)), np.nan, np.float32),
-            "reuse_err": np.full(g, np.nan, np.float32),
-            "x_norm": float(x.float().norm()),
-            "r_norm": float(r.float().norm()),
-        }
-        if self.sketch_tokens:
-            row["sketch_in"] = xs[:, : self.sketch_tokens].half().cpu()
-            row["sketch_res"] = rs[:, : self.sketch_tokens].half().cpu()
-        row["res_dot"], row["out_sq"] = self._gram_row(xs, rs, past.residuals)
-        if past.sketches:
-            old_x = torch.stack([s[0] for s in reversed(past.sketches)])  # (lags, B, K, C), lag 1 first
-            old_r = torch.stack([s[1] for s in reversed(past.sketches)])
-            n = len(past.sketches)
-            # the live policy takes the largest drift over the batch; so does the table
-            d = drift_variants(xs.expand_as(old_x), old_x, DRIFT_VARIANTS).amax(dim=-1)  # (M, lags)
-            row["drift"][:n] = d.T.cpu().numpy()
-            err = (rs - old_r).flatten(2).norm(dim=-1) / out_norm
-            row["reuse_err"][:n] = err.amax(dim=-1).cpu().numpy()
-        full_out = (x.float() + r.float()).flatten(1).norm(dim=1).clamp_min(1e-12)
-        if past.r is not None:
-            row["reuse_err1"] = float(((r.float() - past.r.float()).flatten(1).norm(dim=1) / full_out).max())
-            d1 = drift_variants(x, past.x, (("cosine", p.saliency_power), ("l2", 0.0))).amax(dim=-1)
-            row["drift1_cos"], row["drift1_l2"] = float(d1[0]), float(d1[1])
-            if past.frame_map is not None:
-                now_map, _ = motion.frame_maps(x, session.grid, past.direction)
-                warped, _ = motion.warp_with_maps(past.r, past.frame_map, now_map, session.grid, session.motion)
-                row["warp_err1"] = float(((r.float() - warped.float()).flatten(1).norm(dim=1) / full_out).max())
-        grid = session.grid
+        h = self._history.get(call.branch)
+        if h is None:
+            self.token_subset = idx.cpu()
+            h = self._history[call.branch] = _History.empty(
+                session.num_blocks, self.lags, torch.Size((x.shape[0], len(idx), x.shape[2])), x.device)
+        xf, rf = x.float(), r.float()
+        torch.index_select(xf, 1, idx, out=h.x[layer, h.slot(h.x)])
+        h.r[layer, h.slot(h.r)] = rf.index_select(1, idx)
+        token_norm = xf.norm(dim=-1).clamp_min(1e-12)  # (B, N)
+        part = {"x_norm": xf.norm(), "r_norm": rf.norm(), "out_norm": (xf + rf).flatten(1).norm(dim=1),
+                "token_norm": token_norm, "full_norm": xf.flatten(1).norm(dim=1)}
+        past_x, past_r = h.full_x[layer], h.full_r[layer]
+        if past_x is not None:
+            past_x = past_x.float()
+            # cosine_similarity's own arithmetic, with the previous step's token norms kept from then
+            part["cos"] = ((xf / token_norm[..., None]) * (past_x / h.token_norm[layer, ..., None])).sum(dim=-1)
+            part["l2"] = (xf - past_x).flatten(1).norm(dim=1)
+            part["reuse"] = (rf - past_r.float()).flatten(1).norm(dim=1)
+            if h.frame_map[layer] is not None:
+                now, _ = motion.frame_maps(x, call.grid, h.direction[layer])
+                call.warps.append(_Warp(layer, h.frame_map[layer], past_r, now))
+        grid = call.grid
         # warping is measured on the first branch every WARP_EVERY steps: it is the recorder's costliest part
-        measure_next = session.branch == self.branches[0] and (session.step.step + 1) % WARP_EVERY == 0
+        measure_next = call.branch == 0 and (call.step + 1) % WARP_EVERY == 0
         warpable = measure_next and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
-        past.frame_map, past.direction = motion.frame_maps(x, grid) if warpable else (None, None)
-        past.sketches.append((xs.detach(), rs.detach()))
-        past.residuals.append(rs.detach())
-        past.x, past.r = x.detach(), r.detach()
+        h.frame_map[layer], h.direction[layer] = motion.frame_maps(x, grid) if warpable else (None, None)
+        h.full_x[layer], h.full_r[layer] = x, r
+        call.parts.append(part)
+
+    def _flush(self) -> None:
+        """The call's part, all blocks at once: full-tensor ratios, lag tables, warp errors; rows as numpy."""
+        call, self._call = self._call, None
+        if call is None:
+            return
+        h = self._history[call.branch]
+        with torch.no_grad():
+            parts = {key: torch.stack([p[key] for p in call.parts]) for key in call.parts[0]}
+            out_norm = parts["out_norm"].clamp_min(1e-12)  # (L, B)
+            row = {"x_norm": parts["x_norm"], "r_norm": parts["r_norm"], **self._lag_tables(h)}
+            if "cos" in parts:  # the largest over the batch, as everywhere in the trace
+                row["reuse_err1"] = (parts["reuse"] / out_norm).amax(dim=-1)
+                row["drift1_cos"] = saliency_drift(parts["cos"], h.token_norm, call.power).amax(dim=-1)
+                row["drift1_l2"] = (parts["l2"] / h.full_norm).amax(dim=-1)
+            if call.warps:
+                row["warp_err1"] = self._warp_errors(call, h, out_norm)
+            h.token_norm, h.full_norm = parts["token_norm"], parts["full_norm"].clamp_min(1e-12)
+            h.steps += 1
+            self.rows[(call.branch, call.step)] = {
+                "block_seconds": np.asarray(call.seconds, np.float32), **{k: v.cpu().numpy() for k, v in row.items()}}
+
+    def _lag_tables(self, h: _History) -> dict[str, torch.Tensor]:
+        """The call's sketches against the previous steps', all blocks: drift and reuse error for `lags`
+        steps back, the Gram table of residuals for `2 lags + 1`.
+
+        Drift is `policy.drift_variants`'s arithmetic bit for bit, so the lag-1 drift is what the
+        live policy measures on the same trajectory. Reuse error comes from the Gram table
+        (||a - b||^2 = a.a + b.b - 2 a.b, exact enough in float64), so residual sketches are read once.
+        Each block's filled slots are compared at once (the current one too: cheaper than leaving it
+        out), then put in lag order.
+        """
+        xs, rs = h.x[:, h.slot(h.x)], h.r[:, h.slot(h.r)]  # (L, B, K, C)
+        norm = xs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = torch.div(xs, norm, out=h.unit[:, h.slot(h.x)])
+        h.weight[:, h.slot(h.x)] = norm[..., 0]
+        h.norm[:, h.slot(h.x)] = xs.flatten(-2).norm(dim=-1).clamp_min(1e-12)
+        fx, fr = (slice(0, min(h.steps + 1, ring.shape[1])) for ring in (h.x, h.r))  # rings fill in slot order
+        # block by block: one block's slots stay in cache, all blocks' do not (measured 2-3x slower)
+        l2, cos, dots = (torch.stack(t) for t in zip(*(
+            ((h.x[i, fx] - xs[i]).flatten(-2).norm(dim=-1),  # (slots, B)
+             (h.unit[i, fx] * unit[i]).sum(dim=-1),  # (slots, B, K)
+             torch.stack([h.r[i, fr, b].flatten(1) @ rs[i, b].flatten() for b in range(rs.shape[1])], dim=-1))
+            for i in range(len(xs)))))
+        h.r_sq[:, h.slot(h.r)] = r_sq = dots[:, h.slot(h.r)]  # (L, B)
+        out_sq = (xs.double() + rs).flatten(-2).square().sum(dim=-1)  # (L, B)
+        g, n = self.lags, min(h.steps, self.lags)
+        gram = [h.slot(h.r, j) for j in range(min(h.steps, 2 * g + 1) + 1)]
+        row = {"drift": xs.new_full((len(xs), g, len(DRIFT_VARIANTS)), torch.nan),
+               "reuse_err": xs.new_full((len(xs), g), torch.nan),
+               "res_dot": rs.new_zeros((len(xs), 2 * g + 2)), "out_sq": out_sq.sum(dim=-1)}
+        row["res_dot"][:, : len(gram)] = dots[:, gram].sum(dim=-1)  # summed over the batch
+        if self.sketch_tokens:
+            row["sketch_in"] = xs[:, :, : self.sketch_tokens].half().cpu()
+            row["sketch_res"] = rs[:, :, : self.sketch_tokens].half().cpu()
+        if n:
+            d = torch.stack([l2 / h.norm[:, fx] if metric == "l2" else
+                             saliency_drift(cos, h.weight[:, fx], power) for metric, power in DRIFT_VARIANTS],
+                            dim=-1)  # (L, slots, B, M)
+            # the live policy takes the largest drift over the batch; so does the table
+            row["drift"][:, :n] = d.amax(dim=2)[:, [h.slot(h.x, lag) for lag in range(1, n + 1)]]
+            back = [h.slot(h.r, lag) for lag in range(1, n + 1)]
+            err_sq = (r_sq[:, None] + h.r_sq[:, back] - 2 * dots[:, back]).clamp_min(0)  # (L, n, B)
+            row["reuse_err"][:, :n] = (err_sq.sqrt() / out_sq.sqrt().clamp_min(1e-12)[:, None]).amax(dim=-1)
         return row
 
-
-    def _gram_row(self, xs: torch.Tensor, rs: torch.Tensor, history: deque) -> tuple[np.ndarray, float]:
-        """<r_s, r_{s-j}> for j = 0 .. 2G + 1 and ||x_s + r_s||^2 on the token subset, in float64.
-
-        Any extrapolation's error is a quadratic form in these (the replay's forecast), and it is a
-        small difference of large dot products, so float32 would lose it.
-        """
-        r = rs.double().flatten()
-        dots = np.zeros(2 * self.lags + 2)
-        dots[0] = float(r @ r)
-        if history:
-            past = torch.stack(list(reversed(history))).double().flatten(1)  # lag 1 first
-            dots[1: len(history) + 1] = (past @ r).cpu().numpy()
-        return dots, float((xs.double().flatten() + r).square().sum())
+    def _warp_errors(self, call: _Call, h: _History, out_norm: torch.Tensor) -> torch.Tensor:
+        """||r - warp(r_prev)|| / ||x + r|| of the measured blocks (NaN elsewhere), shifts estimated in one batch."""
+        past_maps, maps = torch.cat([w.past_map for w in call.warps]), torch.cat([w.map for w in call.warps])
+        shifts = motion.estimate_shift(past_maps, maps).mean(dim=1).split(len(call.warps[0].map))  # (B, 2) each
+        out = out_norm.new_full((len(out_norm),), torch.nan)
+        for w, shift in zip(call.warps, shifts):
+            warped, _ = motion.warp_by_shift(w.past_r, shift, call.grid, self.steps[call.step][2])
+            r = h.full_r[w.layer].float()
+            out[w.layer] = ((r - warped.float()).flatten(1).norm(dim=1) / out_norm[w.layer]).max()
+        return out
 
 
 def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_seconds: list[float],
               lags: int) -> dict[str, np.ndarray]:
     branches = recorders[0].branches
     steps = 1 + max(s for rec in recorders for s in rec.steps)
-    layers = 1 + max(k[2] for rec in recorders for k in rec.rows)
+    layers = max(len(row["x_norm"]) for rec in recorders for row in rec.rows.values())
     runs = len(recorders)
     for i, rec in enumerate(recorders):
         if rec.branches != branches or len(rec.steps) != steps:
@@ -182,16 +290,14 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
             arrays["timestep"][r, s], arrays["position"][r, s], arrays["motion"][r, s] = t, pos, m
         for (b, s), secs in rec.call_seconds.items():
             arrays["call_seconds"][r, b, s] = secs
-        for (b, s, layer), row in rec.rows.items():
+        for (b, s), row in rec.rows.items():
             for key, value in row.items():
                 if key in arrays:
-                    arrays[key][r, b, s, layer] = value
+                    arrays[key][r, b, s] = value
         for key in sketches:
-            sketches[key].append(torch.stack([
-                torch.stack([torch.stack([rec.rows[(b, s, layer)][key] for layer in range(layers)])
-                             for s in range(steps)]) for b in range(len(branches))]))
+            sketches[key].append([[rec.rows[(b, s)][key] for s in range(steps)] for b in range(len(branches))])
     for key, parts in sketches.items():
-        arrays[key] = torch.stack(parts).numpy()
+        arrays[key] = np.asarray(parts)
     return arrays
 
 
