@@ -230,16 +230,9 @@ class Tuner:
             seed=seed, n_startup_trials=min(40, max(10, trials // 10)), multivariate=True,
         )
         directions = ["maximize", "maximize"] if pareto else ["maximize"]
-        opened = open_storage(storage)
-        fresh = True  # only the worker that creates a study seeds it, or workers would run the seeds twice
         try:
-            try:
-                study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
-                                            directions=directions)
-            except optuna.exceptions.DuplicatedStudyError:
-                fresh = False
-                study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
-                                            directions=directions, load_if_exists=True)
+            study = optuna.create_study(storage=open_storage(storage), study_name=study_name, sampler=sampler,
+                                        directions=directions, load_if_exists=True)
         except ValueError as exc:
             raise WarpcacheError(f"study {study_name!r}: {exc}") from None
         if study.directions != [optuna.study.StudyDirection.MAXIMIZE] * len(directions):
@@ -248,7 +241,7 @@ class Tuner:
         if done and set(done[0].params) != set(self._param_names()):
             raise WarpcacheError(f"study {study_name!r} has a different search space; use another --study-name")
         complete = (optuna.trial.TrialState.COMPLETE,)
-        if fresh:
+        if storage is None:  # not in shared studies: SQLite can hand one queued trial to two workers
             for params in self.space.schedules():
                 study.enqueue_trial(params, user_attrs={"schedule": True})
 
