@@ -70,7 +70,11 @@ def _bad_files(tmp_path, trace):
     old = tmp_path / "old.safetensors"
     meta = {**trace.meta, "format": "warpcache-trace", "format_version": 9}
     save_file(dict(trace.arrays), str(old), metadata={"warpcache": json.dumps(meta)})
+    half = tmp_path / "half.safetensors"  # a Gram table without the norms it is divided by
+    save_file({k: v for k, v in trace.arrays.items() if k != "out_sq"}, str(half),
+              metadata={"warpcache": json.dumps({**trace.meta, "format": "warpcache-trace", "format_version": 1})})
     return {
+        "half": (half, "res_dot and out_sq come together"),
         "truncated": (truncated, "corrupt or truncated"),
         "garbage": (garbage, "corrupt or truncated"),
         "foreign": (foreign, "not a trace"),
@@ -79,7 +83,7 @@ def _bad_files(tmp_path, trace):
     }
 
 
-@pytest.mark.parametrize("case", ["truncated", "garbage", "foreign", "old", "missing"])
+@pytest.mark.parametrize("case", ["truncated", "garbage", "foreign", "old", "missing", "half"])
 def test_bad_trace_files_exit_2_with_one_line(tmp_path, trace, case):
     path, message = _bad_files(tmp_path, trace)[case]
     res = runner.invoke(app, ["trace", "info", str(path)])

@@ -16,6 +16,7 @@ from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import Action
 from warpcache_cli.profile import calibration_configs, profile
 from warpcache_cli.replay import Replayer
+from warpcache_cli.trace import Trace
 
 runner = CliRunner()
 
@@ -118,3 +119,12 @@ def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weigh
         assert got[idx] == pytest.approx(want, rel=0.03, abs=1e-4)
         # no forecast: exactly the recorded plain-reuse error
         assert plain[idx] == pytest.approx(trace.arrays["reuse_err"][run, br, s, layer, k - 1], rel=1e-3)
+
+
+def test_forecast_on_a_trace_without_the_gram_table_exits_2(small_trace, tmp_path):
+    old = Trace(dict(small_trace.meta), {k: v for k, v in small_trace.arrays.items()
+                                            if k not in ("res_dot", "out_sq")})
+    path = old.save(tmp_path / "old.safetensors")
+    cfg = _save_cfg(tmp_path, _config(small_trace, 1).with_policy(forecast=0.5))
+    res = runner.invoke(app, ["replay", str(path), "--config", cfg])
+    assert res.exit_code == 2 and "re-profile" in res.stderr and len(res.stderr.strip().splitlines()) == 1
