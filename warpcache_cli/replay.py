@@ -26,8 +26,9 @@ from warpcache_cli.trace import Trace, drift_variant
 # -16 and extrapolates badly. Without calibration runs (auto-profiling) the intercept is this one,
 # measured on the built-in model (72 runs of 24 configs on 3 seeds).
 PSNR_SLOPE = -20.0
-COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping")
 PRIOR_PSNR_INTERCEPT = -7.6
+# what caching itself costs beyond the blocks it runs, each paid per one of these
+COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Replayer:
         plain_blocks = a.get("plain_block_seconds")
         self.block_seconds = (np.broadcast_to(np.asarray(plain_blocks, np.float64), a["block_seconds"].shape)
                               if plain_blocks is not None else np.asarray(a["block_seconds"], np.float64))
-        # what caching itself costs, in seconds: per generation, per reused block, per warped block; calibrated
+        # seconds per COST_TERMS: timed at profile time (warping) or fit to the calibration runs (the rest)
         self.costs = np.zeros(len(COST_TERMS))
         plain = trace.meta.get("plain_seconds")
         self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))

@@ -201,7 +201,8 @@ class BlockHook(ModelHook):
         for k, (old, r) in enumerate(zip(old_keys, residuals)):
             prev = s.store.get(old) if forecast and needed else None
             s.store.delete(old)
-            s.store.delete(self._slope_key(k, state.computed_step))
+            if forecast:
+                s.store.delete(self._slope_key(k, state.computed_step))
             if needed:
                 fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
             if fits and prev is not None:  # a slope that does not fit only means plain reuse
