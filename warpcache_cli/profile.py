@@ -158,16 +158,24 @@ class Recorder:
             h = self._history[call.branch] = _History.empty(
                 session.num_blocks, self.lags, torch.Size((x.shape[0], len(idx), x.shape[2])), x.device)
         xf, rf = x.float(), r.float()
-        torch.index_select(xf, 1, idx, out=h.x[layer, h.slot(h.x)])
-        h.r[layer, h.slot(h.r)] = rf.index_select(1, idx)
-        token_norm = xf.norm(dim=-1).clamp_min(1e-12)  # (B, N)
-        part = {"x_norm": xf.norm(), "r_norm": rf.norm(), "out_norm": (xf + rf).flatten(1).norm(dim=1),
-                "token_norm": token_norm, "full_norm": xf.flatten(1).norm(dim=1)}
+        x_sketch = torch.index_select(xf, 1, idx, out=h.x[layer, h.slot(h.x)])
+        r_sketch = h.r[layer, h.slot(h.r)] = rf.index_select(1, idx)
+        # each full-tensor pass costs about as much as the block's smaller layers, so norms are
+        # derived from the per-token ones and ||x + r|| from x.r rather than computed afresh
+        token_norm = torch.linalg.vector_norm(xf, dim=-1)  # (B, N)
+        full_norm, r_norm = token_norm.norm(dim=1), rf.flatten(1).norm(dim=1)  # (B,)
+        x_dot_r = torch.linalg.vecdot(xf.flatten(1), rf.flatten(1))
+        part = {"x_norm": full_norm.norm(), "r_norm": r_norm.norm(), "token_norm": token_norm.clamp_min(1e-12),
+                "out_norm": (full_norm.square() + r_norm.square() + 2 * x_dot_r).clamp_min(0).sqrt(),
+                "full_norm": full_norm,
+                # x.r on the sketch, for ||x + r||^2 of the Gram table's denominator: a float32 dot while
+                # both are in cache, where a float64 pass over the sketches later costs as much as a block
+                "sketch_xr": torch.linalg.vecdot(x_sketch.flatten(1), r_sketch.flatten(1))}
         past_x, past_r = h.full_x[layer], h.full_r[layer]
         if past_x is not None:
             past_x = past_x.float()
-            # cosine_similarity's own arithmetic, with the previous step's token norms kept from then
-            part["cos"] = ((xf / token_norm[..., None]) * (past_x / h.token_norm[layer, ..., None])).sum(dim=-1)
+            # per-token cosines, the previous step's token norms kept from then
+            part["cos"] = torch.linalg.vecdot(xf, past_x) / (part["token_norm"] * h.token_norm[layer])
             part["l2"] = (xf - past_x).flatten(1).norm(dim=1)
             part["reuse"] = (rf - past_r.float()).flatten(1).norm(dim=1)
             if h.frame_map[layer] is not None:
@@ -190,7 +198,7 @@ class Recorder:
         with torch.no_grad():
             parts = {key: torch.stack([p[key] for p in call.parts]) for key in call.parts[0]}
             out_norm = parts["out_norm"].clamp_min(1e-12)  # (L, B)
-            row = {"x_norm": parts["x_norm"], "r_norm": parts["r_norm"], **self._lag_tables(h)}
+            row = {"x_norm": parts["x_norm"], "r_norm": parts["r_norm"], **self._lag_tables(h, parts["sketch_xr"])}
             if "cos" in parts:  # the largest over the batch, as everywhere in the trace
                 row["reuse_err1"] = (parts["reuse"] / out_norm).amax(dim=-1)
                 row["drift1_cos"] = saliency_drift(parts["cos"], h.token_norm, call.power).amax(dim=-1)
@@ -202,7 +210,7 @@ class Recorder:
             self.rows[(call.branch, call.step)] = {
                 "block_seconds": np.asarray(call.seconds, np.float32), **{k: v.cpu().numpy() for k, v in row.items()}}
 
-    def _lag_tables(self, h: _History) -> dict[str, torch.Tensor]:
+    def _lag_tables(self, h: _History, x_dot_r: torch.Tensor) -> dict[str, torch.Tensor]:
         """The call's sketches against the previous steps', all blocks: drift and reuse error for `lags`
         steps back, the Gram table of residuals for `2 lags + 1`.
 
@@ -225,7 +233,7 @@ class Recorder:
              torch.stack([h.r[i, fr, b].flatten(1) @ rs[i, b].flatten() for b in range(rs.shape[1])], dim=-1))
             for i in range(len(xs)))))
         h.r_sq[:, h.slot(h.r)] = r_sq = dots[:, h.slot(h.r)]  # (L, B)
-        out_sq = (xs.double() + rs).flatten(-2).square().sum(dim=-1)  # (L, B)
+        out_sq = h.norm[:, h.slot(h.x)].double().square() + r_sq + 2 * x_dot_r.double()  # (L, B): ||x + r||^2
         g, n = self.lags, min(h.steps, self.lags)
         gram = [h.slot(h.r, j) for j in range(min(h.steps, 2 * g + 1) + 1)]
         row = {"drift": xs.new_full((len(xs), g, len(DRIFT_VARIANTS)), torch.nan),
