@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from warpcache_cli.builtin import clips
-from warpcache_cli.builtin.pipeline import BuiltinPipeline, load_builtin, new_scheduler, new_transformer
+from warpcache_cli.builtin.pipeline import (
+    WEIGHTS_DIR,
+    BuiltinPipeline,
+    load_builtin,
+    new_scheduler,
+    new_transformer,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -46,14 +52,14 @@ SAMPLE_PROMPTS = [
 DRIFT_PROMPTS = SAMPLE_PROMPTS[:4]
 
 
-def load_fresh(dtype: torch.dtype = torch.float32, tries: int = 5) -> BuiltinPipeline:
-    """Load the shipped weights, retrying briefly: the training job swaps the weights folder while exporting."""
+def load_fresh(weights: Path = WEIGHTS_DIR, tries: int = 5) -> BuiltinPipeline:
+    """Load weights, retrying briefly: the training job swaps the weights folder while exporting."""
     for _ in range(tries - 1):
         try:
-            return load_builtin("cpu", dtype)
+            return load_builtin("cpu", weights_dir=weights)
         except OSError:
             time.sleep(1.0)
-    return load_builtin("cpu", dtype)
+    return load_builtin("cpu", weights_dir=weights)
 
 
 def balanced_specs(n: int, seed: int = 0) -> list[clips.ClipSpec]:
@@ -238,12 +244,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="picks the held-out set; 0 means generator seeds 10**9 + i")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="weights folder (default: the shipped ones)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     train_step = _log_step()
-    pipe = load_fresh()
+    pipe = load_fresh(args.weights)
     print(f"weights: training log at step {train_step}")
 
     result = evaluate(pipe, args.n, args.steps, args.guidance, args.seed)

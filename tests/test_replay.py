@@ -45,16 +45,23 @@ def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
 def test_replay_estimates_order_configs_like_the_calibration(small_trace):
     r = Replayer(small_trace)
     assert r.quality is not None and r.quality.b < 0  # more injected error, lower PSNR
-    results = [r.run(c.policy) for c in calibration_configs(small_trace, 4, wc.Config.default())]
-    speed = [float(x.speedup[0]) for x in results]
-    psnr = [float(x.psnr[0]) for x in results]
-    assert speed == sorted(speed) and psnr == sorted(psnr, reverse=True)
+    assert (r.costs >= 0).all()
+    configs = calibration_configs(small_trace, 4, wc.Config.default())
+    psnr = [float(r.run(c.policy).psnr[0]) for c in configs]
+    assert psnr == sorted(psnr, reverse=True)
+    # the fitted overheads come from a few timed runs and vary with machine load: the order of
+    # the block time saved must hold whatever they are
+    r.costs[:] = 0.0
+    speed = [float(r.run(c.policy).speedup[0]) for c in configs]
+    assert speed == sorted(speed) and speed[-1] > 1.0
 
 
 def test_never_reuse_replays_as_full_compute(small_trace):
-    res = Replayer(small_trace).run(wc.Config.default().with_policy(warm_up_steps=1000).policy)
-    # nothing is skipped, so the estimate is 1x less the hooks' calibrated overhead
-    assert (res.actions == Action.RECOMPUTE).all() and ((0.85 < res.speedup) & (res.speedup <= 1.0)).all()
+    r = Replayer(small_trace)
+    res = r.run(wc.Config.default().with_policy(warm_up_steps=1000).policy)
+    # nothing is skipped, so the estimate is 1x less the hooks' per-generation overhead, whatever its fit
+    assert (res.actions == Action.RECOMPUTE).all()
+    assert np.allclose(res.speedup, r.plain_seconds / (r.plain_seconds + r.costs[0])) and (res.speedup <= 1.0).all()
     assert np.isinf(res.psnr).all() and (res.error == 0).all()
 
 

@@ -26,7 +26,7 @@ TRANSFORMER_CONFIG = dict(
     patch_size=(1, 4, 4),
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=3,
+    in_channels=3 + 3,  # RGB + the (frame, y, x) coordinate channels of `coordinates`
     out_channels=3,
     text_dim=64,
     freq_dim=64,
@@ -52,6 +52,19 @@ class PromptEncoder(ModelMixin, ConfigMixin):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.words(tokens) + self.positions[: tokens.shape[1]]
         return x + self.mlp(x)
+
+
+def coordinates(batch: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """(batch, 3, frames, height, width) channels holding each pixel's frame, row and column in [-1, 1].
+
+    Wan's only position signal is RoPE inside self-attention, which is relative: without an
+    absolute one a small model cannot tell where a clip's first frame or left edge is, so it
+    cannot start "moving right fast" at the left. The channels are concatenated to the noisy
+    video like Wan image-to-video concatenates its condition channels.
+    """
+    axes = [torch.linspace(-1.0, 1.0, n) for n in (frames, height, width)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.expand(batch, -1, -1, -1, -1)
 
 
 def tokenize(prompts: list[str], max_tokens: int = clips.MAX_PROMPT_TOKENS) -> torch.Tensor:
@@ -109,11 +122,14 @@ class BuiltinPipeline(DiffusionPipeline):
         if latents is None:
             latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
+        # weights trained with coordinate channels take them after the RGB ones
+        coords = coordinates(len(prompts), num_frames, height, width).to(device=device, dtype=dtype)
+        coords = coords[:, : self.transformer.config.in_channels - 3]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
             context = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            model_in = latents.to(dtype)
+            model_in = torch.cat([latents.to(dtype), coords], dim=1)
             step_t = t.expand(latents.shape[0])
             with self.transformer.cache_context("cond", **context):
                 pred = self.transformer(model_in, step_t, cond, return_dict=False)[0].float()
