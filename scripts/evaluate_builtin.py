@@ -24,15 +24,10 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
+from diffusers import WanTransformer3DModel
 
 from warpcache_cli.builtin import clips
-from warpcache_cli.builtin.pipeline import (
-    WEIGHTS_DIR,
-    BuiltinPipeline,
-    load_builtin,
-    new_scheduler,
-    new_transformer,
-)
+from warpcache_cli.builtin.pipeline import WEIGHTS_DIR, BuiltinPipeline, load_builtin, new_scheduler
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -195,7 +190,8 @@ def drift_curves(pipe: BuiltinPipeline, prompts: list[str] = DRIFT_PROMPTS, step
 def random_pipeline(pipe: BuiltinPipeline) -> BuiltinPipeline:
     """Same architecture and prompt encoder, transformer freshly initialised (torch seed 0); float32 like `main`."""
     torch.manual_seed(0)
-    return BuiltinPipeline(new_transformer().eval(), pipe.prompt_encoder, new_scheduler())
+    return BuiltinPipeline(WanTransformer3DModel.from_config(pipe.transformer.config).eval(), pipe.prompt_encoder,
+                           new_scheduler())
 
 
 def phase_means(drift: np.ndarray) -> dict[str, float]:

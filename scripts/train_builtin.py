@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -87,9 +88,6 @@ def widened(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> dict[
     return out
 
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
 @torch.no_grad()
 def direction_probe(transformer: torch.nn.Module, encoder: torch.nn.Module, n: int = 32, t: float = 0.9) -> dict:
     """Loss on held-out moving clips with the true prompt and with the direction reversed.
@@ -102,7 +100,9 @@ def direction_probe(transformer: torch.nn.Module, encoder: torch.nn.Module, n: i
     x0 = torch.from_numpy(np.stack([clips.render(s, seed=10**8 + i) for i, s in enumerate(specs)]))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     xt = torch.cat([(1 - t) * x0 + t * noise, coordinates(n, *x0.shape[2:])], dim=1)
-    swapped = [s.prompt.replace(s.main.direction, OPPOSITE[s.main.direction]) for s in specs]
+    opposite = {v: d for d, v in clips.DIRECTIONS.items()}
+    swapped = [clips.ClipSpec(dataclasses.replace(s.main, direction=opposite[tuple(-c for c in clips.DIRECTIONS[
+        s.main.direction])])).prompt for s in specs]
     losses = {}
     for name, prompts in (("true", [s.prompt for s in specs]), ("reversed", swapped)):
         pred = transformer(xt, torch.full((n,), t * 1000), encoder(tokenize(prompts)), return_dict=False)[0]

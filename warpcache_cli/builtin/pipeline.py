@@ -122,9 +122,9 @@ class BuiltinPipeline(DiffusionPipeline):
         if latents is None:
             latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
-        # weights trained with coordinate channels take them after the RGB ones
+        # input channels beyond the ones denoised are coordinate channels (none in 3-channel weights)
         coords = coordinates(len(prompts), num_frames, height, width).to(device=device, dtype=dtype)
-        coords = coords[:, : self.transformer.config.in_channels - 3]
+        coords = coords[:, : self.transformer.config.in_channels - latents.shape[1]]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
