@@ -1,0 +1,53 @@
+"""Fixed reuse schedules on the built-in model: the quality ceiling of block-level forecasting.
+
+    python benchmarks/schedules.py --seeds 5000
+
+Each schedule recomputes every block every N-th step after W warm-up steps (thresholds out of
+reach, so only the schedule decides), with and without `forecast`. Prints mean and min PSNR over
+the bench prompts against the uncached output, and the fraction of block calls computed (its
+inverse bounds the speedup). No timing, so the figures do not depend on machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import warpcache_cli as wc
+from warpcache_cli import quality
+from warpcache_cli.models import Request, generate, load_model
+
+PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
+SCHEDULES = ((4, 2, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))  # (interval, warm-up, forecast)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[5000])
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = load_model("builtin")
+    requests = [Request(p, s, args.steps) for p in PROMPTS for s in args.seeds]
+    references = [generate(pipe, r) for r in requests]
+    print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'mean PSNR':>9} {'min PSNR':>8} {'computed':>8}")
+    for interval, warm, forecast in SCHEDULES:
+        config = wc.Config.default().with_policy(
+            base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0,
+            warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast)
+        psnr, computed = [], []
+        for req, ref in zip(requests, references):
+            session = wc.apply(pipe, config)
+            try:
+                psnr.append(quality.psnr(generate(pipe, req), ref))
+            finally:
+                wc.remove(pipe)
+            computed.append(session.stats.to_dict()["compute_fraction"])
+        print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {np.mean(psnr):>9.1f} {np.min(psnr):>8.1f} "
+              f"{np.mean(computed):>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
