@@ -11,6 +11,7 @@ and Spearman's rank correlation (goal >= 0.9).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("traces", nargs="+", type=Path)
     ap.add_argument("--configs", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[2001])
+    ap.add_argument("--dump", type=Path, help="write each config's per-run estimates and per-request measurements "
+                    "here (JSON), to study the quality model without rerunning the model")
     args = ap.parse_args()
     torch.set_num_threads(1)
     traces = [Trace.load(p) for p in args.traces]
@@ -62,7 +65,7 @@ def main() -> None:
     requests = [Request(p, s, t.meta["steps"], t.meta["guidance"]) for t in traces for p in dict.fromkeys(
         t.meta["prompts"]) for s in args.seeds]
     refs = [generate(pipe, r) for r in requests]
-    est, meas = [], []
+    est, meas, rows = [], [], []
     print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
     for i, cfg in enumerate(configs):
         e = np.mean([r.run(cfg.policy).psnr.mean() for r in replayers])
@@ -77,6 +80,10 @@ def main() -> None:
         sp = np.mean([r.run(cfg.policy).speedup.mean() for r in replayers])
         est.append(e)
         meas.append(m)
+        results = [r.run(cfg.policy) for r in replayers]
+        rows.append({"config": cfg.to_dict(), "measured": psnrs, "requests": [[q.prompt, q.seed] for q in requests],
+                     "est_psnr": [res.psnr.tolist() for res in results],
+                     "error": [res.error.tolist() for res in results]})
         print(f"{i:>6} {e:>9.2f} {m:>9.2f} {sp:>10.2f}x")
     est_a, meas_a = np.array(est), np.array(meas)
     finite = np.isfinite(est_a) & np.isfinite(meas_a)  # inf: the config reused nothing, the output is exact
@@ -85,6 +92,8 @@ def main() -> None:
           f"{np.mean(np.abs(est_a - meas_a)[finite]):.2f} dB over the {finite.sum()} finite ones "
           f"({exact.sum()} exact on both sides, {len(est_a) - finite.sum() - exact.sum()} exact on one side only), "
           f"Spearman rank correlation {spearman(est_a, meas_a):.3f}")
+    if args.dump:
+        args.dump.write_text(json.dumps(rows, default=float))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
     python benchmarks/schedules.py --seeds 5000
 
 Each schedule recomputes every block every N-th step after W warm-up steps (thresholds out of
-reach, so only the schedule decides), with and without `forecast`. Prints mean and min PSNR over
-the bench prompts against the uncached output, and the fraction of block calls computed (its
-inverse bounds the speedup). No timing, so the figures do not depend on machine load.
+reach, so only the schedule decides), with and without `forecast`, and diffusers' TaylorSeer on the
+same full-compute steps: the same first-order forecast, but of each attention and feed-forward
+output, with the block's norms and timestep gates run afresh. Prints mean and min PSNR over the
+bench prompts against the uncached output, and the fraction of block calls computed (its inverse
+bounds the speedup). No timing, so the figures do not depend on machine load.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import argparse
 
 import numpy as np
 import torch
+from diffusers import TaylorSeerCacheConfig
 
 import warpcache_cli as wc
 from warpcache_cli import quality
+from warpcache_cli.bench import TAYLORSEER_LAYERS
 from warpcache_cli.models import Request, generate, load_model
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
-SCHEDULES = ((4, 2, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))  # (interval, warm-up, forecast)
+SCHEDULES = ((4, 2, 1.0), (4, 3, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))  # (interval, warm-up, forecast)
+TAYLORSEER_SCHEDULES = ((4, 2), (5, 2))  # (interval, steps before the first forecast)
 
 
 def main() -> None:
@@ -47,6 +52,20 @@ def main() -> None:
             computed.append(session.stats.to_dict()["compute_fraction"])
         print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {np.mean(psnr):>9.1f} {np.min(psnr):>8.1f} "
               f"{np.mean(computed):>8.3f}")
+    for interval, warm in TAYLORSEER_SCHEDULES:
+        # full compute at steps < warm and at warm + 1 + k interval (diffusers' `_measure_should_compute`)
+        psnr = []
+        for req, ref in zip(requests, references):
+            pipe.transformer.enable_cache(TaylorSeerCacheConfig(
+                cache_interval=interval, disable_cache_before_step=warm, taylor_factors_dtype=torch.float32,
+                cache_identifiers=[TAYLORSEER_LAYERS]))
+            try:
+                psnr.append(quality.psnr(generate(pipe, req), ref))
+            finally:
+                pipe.transformer.disable_cache()
+        computed = (warm + len(range(warm + 1, args.steps, interval))) / args.steps
+        print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'module':>8} {np.mean(psnr):>9.1f} {np.min(psnr):>8.1f} "
+              f"{computed:>8.3f}")
 
 
 if __name__ == "__main__":
