@@ -235,3 +235,18 @@ def test_forecast_extrapolates_along_the_last_two_computations(weight):
         # step 3 reuses step 2 (lag 1), whose slope is r2 - r1; step 5 reuses step 4, slope (r4 - r2) / 2
         torch.testing.assert_close(r[3], r[2] + weight * (r[2] - r[1]))
         torch.testing.assert_close(r[5], r[4] + weight * (r[4] - r[2]) / 2)
+
+
+@pytest.mark.parametrize(("motion_scale", "estimated"), [(0.0, False), (1.0, True)])
+def test_motion_is_estimated_only_when_the_policy_uses_it(monkeypatch, motion_scale, estimated):
+    calls = []
+    real = wc.runtime.hooks.motion.content_motion
+    monkeypatch.setattr(wc.runtime.hooks.motion, "content_motion", lambda v: calls.append(1) or real(v))
+    model, inputs = build("wan")
+    cfg = wc.Config.default().with_policy(base_threshold=0.5, min_threshold=0.5, warp_threshold=0.0,
+                                          motion_scale=motion_scale, warm_up_steps=1, max_consecutive_reuse=1)
+    session = wc.apply(model, cfg)
+    denoise(model, inputs, steps=4)
+    wc.remove(model)
+    assert session.stats.counts[wc.Action.REUSE] > 0
+    assert bool(calls) == estimated

@@ -1,7 +1,8 @@
 """The caching decision: drift, motion-adaptive ceilings, phase schedule, reuse / warp / recompute.
 
 This module knows nothing about models, hooks or files. The live runtime and the offline
-replay both call `decide` with the same numbers, so what is tuned offline is what runs online.
+replay both call `ceilings` and `choose` with the same numbers, so what is tuned offline is what
+runs online.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def decide(
     reuse_run: int,
     has_cache: bool,
 ) -> Action:
-    """One block at one step: the live runtime's entry point to `ceilings` and `choose`."""
+    """One block at one step, from scratch. The live hooks compute a call's ceilings for all blocks at
+    once (`CacheSession.ceilings`) and then call `choose`, the replay does the same on arrays."""
     t, w = ceilings(cfg, motion, position, layer)
     return Action(int(choose(cfg, step, drift if has_cache else np.inf, t, w, reuse_run)))
 
@@ -99,9 +101,13 @@ def drift(x: torch.Tensor, x_cached: torch.Tensor, metric: str = "cosine", power
     """Per-sample drift of `x` against the cached input, both (B, K, C) token sketches.
 
     cosine: saliency-weighted `sum_i w_i (1 - cos(x_i, c_i)) / sum_i w_i`, `w_i = ||c_i||^power`,
-    so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`.
+    so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`. The live hooks call
+    this once per block and step, so it is the few operations one variant needs.
     """
-    return drift_variants(x, x_cached, ((metric, power),))[0]
+    x, c = x.float(), x_cached.float()
+    if metric == "l2":
+        return _l2_drift(x, c)
+    return saliency_drift(*_token_cosines(x, c), power)
 
 
 def drift_variants(x: torch.Tensor, x_cached: torch.Tensor, variants: tuple[tuple[str, float], ...]) -> torch.Tensor:
@@ -110,17 +116,18 @@ def drift_variants(x: torch.Tensor, x_cached: torch.Tensor, variants: tuple[tupl
     Leading dimensions beyond the last two are batch dimensions, so lags can be stacked too.
     """
     x, c = x.float(), x_cached.float()
-    out = []
-    cos = norm = None
-    for metric, power in variants:
-        if metric == "l2":
-            out.append((x - c).flatten(-2).norm(dim=-1) / c.flatten(-2).norm(dim=-1).clamp_min(1e-12))
-            continue
-        if cos is None:
-            cos = torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12)
-            norm = c.norm(dim=-1).clamp_min(1e-12)
-        out.append(saliency_drift(cos, norm, power))
-    return torch.stack(out)
+    cosines = _token_cosines(x, c) if any(metric != "l2" for metric, _ in variants) else None
+    return torch.stack([_l2_drift(x, c) if metric == "l2" else saliency_drift(*cosines, power)
+                        for metric, power in variants])
+
+
+def _l2_drift(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return (x - c).flatten(-2).norm(dim=-1) / c.flatten(-2).norm(dim=-1).clamp_min(1e-12)
+
+
+def _token_cosines(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cosines of x against c and c's token norms (clamped), the cosine drift's inputs."""
+    return torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12), c.norm(dim=-1).clamp_min(1e-12)
 
 
 def saliency_drift(cos: torch.Tensor, norm: torch.Tensor, power: float) -> torch.Tensor:
@@ -129,5 +136,5 @@ def saliency_drift(cos: torch.Tensor, norm: torch.Tensor, power: float) -> torch
     Apart so the profiler, which keeps each step's token norms and unit tokens for the next eight
     steps' comparisons, computes the same numbers without computing them again.
     """
-    w = norm.pow(power)
+    w = norm if power == 1.0 else norm.pow(power)  # pow(1) is the identity, bit for bit, and costs an op
     return ((1.0 - cos) * w).sum(dim=-1) / w.sum(dim=-1)

@@ -20,7 +20,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from warpcache_cli import motion
-from warpcache_cli.policy import Action, decide, drift
+from warpcache_cli.policy import Action, choose, drift
 from warpcache_cli.runtime.adapters import Adapter, BlockIO
 from warpcache_cli.runtime.session import BlockState, CacheSession, Decision
 from warpcache_cli.runtime.steps import timestep_value
@@ -140,10 +140,8 @@ class BlockHook(ModelHook):
         d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
         action = Action.RECOMPUTE
         if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
-            action = decide(
-                cfg, step=s.step.step, layer=self.layer, drift=d, motion=s.motion,
-                position=s.step.position, reuse_run=state.reuse_run, has_cache=True,
-            )
+            t, w = s.ceilings(self.layer)
+            action = Action(int(choose(cfg, s.step.step, d, t, w, state.reuse_run)))
         keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
         cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
         if any(c is None for c in cached):
@@ -183,7 +181,7 @@ class BlockHook(ModelHook):
         out = []
         for k, r in enumerate(residuals):
             slope = s.store.get(self._slope_key(k, state.computed_step))
-            out.append(r if slope is None else r + weight * slope.tensor)
+            out.append(r if slope is None else torch.add(r, slope.tensor, alpha=weight))
         return out
 
     def _remember(self, state: BlockState, old_keys: list[FeatureKey], residuals: list[torch.Tensor],

@@ -16,7 +16,7 @@ import torch
 
 from warpcache_cli.config import Config
 from warpcache_cli.metrics import Metrics
-from warpcache_cli.policy import Action, token_subset
+from warpcache_cli.policy import Action, ceilings, token_subset
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.steps import StepInfo, StepTracker
 from warpcache_cli.store import FeatureStore
@@ -123,6 +123,7 @@ class CacheSession:
         self.step: StepInfo | None = None
         self._motion: float | None = 0.0
         self._motion_fn: Callable[[], float] = lambda: 0.0
+        self._ceilings: tuple[list[float], list[float]] | None = None
         self.prediction: torch.Tensor | None = None  # last step's predicted clean video, for the motion estimate
         self.grid: Grid | None = None
         self.branch = "call0"
@@ -142,6 +143,7 @@ class CacheSession:
         if info.new_step:
             self._motion, self._motion_fn = None, motion_fn
         self.step, self.grid = info, grid
+        self._ceilings = None
 
     @property
     def motion(self) -> float:
@@ -149,6 +151,18 @@ class CacheSession:
         if self._motion is None:
             self._motion = float(self._motion_fn())
         return self._motion
+
+    def ceilings(self, layer: int) -> tuple[float, float]:
+        """The policy's recompute and warp ceilings of `layer` in this call, every block's computed at once on
+        first use: numpy on one block's scalars costs more than the block's whole decision otherwise.
+
+        With `motion_scale` 0 motion cannot move them, so the motion estimate is not paid for here.
+        """
+        if self._ceilings is None:
+            p = self.config.policy
+            t, w = ceilings(p, self.motion if p.motion_scale else 0.0, self.step.position, np.arange(self.num_blocks))
+            self._ceilings = t.tolist(), w.tolist()
+        return self._ceilings[0][layer], self._ceilings[1][layer]
 
     def _new_generation(self) -> None:
         for req in self._requests:
