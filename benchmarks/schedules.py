@@ -24,7 +24,8 @@ from warpcache_cli.bench import TAYLORSEER_LAYERS
 from warpcache_cli.models import Request, generate, load_model
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
-SCHEDULES = ((4, 2, 1.0), (4, 3, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))  # (interval, warm-up, forecast)
+# (interval, warm-up, forecast)
+SCHEDULES = ((4, 2, 1.0), (4, 3, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))
 TAYLORSEER_SCHEDULES = ((4, 2), (5, 2))  # (interval, steps before the first forecast)
 
 
