@@ -7,12 +7,14 @@ checkpoint, so it survives a session ending mid-run. CI never runs this.
     python scripts/train_builtin.py --steps 5000 --export   # re-export the last checkpoint only
     python scripts/train_builtin.py --steps 3000 --warm-start --lr 3e-4   # continue from the shipped weights
 
-The recipe that reached 52% prompt following (48 held-out clips; shipped weights: 37.5%), whose
-weights sit in scripts/candidates/builtin-coords (6 input channels: RGB + coordinates; not shipped):
+The recipe that reached 62.5% prompt following (48 held-out clips; shipped weights: 37.5%), whose
+weights sit in scripts/candidates/builtin-coords (6 input channels: RGB + coordinates; not shipped),
+in two legs (52% after the first):
 
     python scripts/train_builtin.py --warm-start --steps 2500 --lr 1e-3 --motion-weight 5 \
         --fg-weight 2 --speed-p 0.2 0.4 0.4 --out checkpoints/weights
-    python scripts/train_builtin.py --warm-start scripts/candidates/builtin-coords ...   # continue it
+    python scripts/train_builtin.py --warm-start checkpoints/weights --steps 2000 --lr 7e-4 --motion-weight 5 \
+        --fg-weight 2 --speed-p 0.2 0.4 0.4 --seed 1 --ckpt checkpoints/leg2.pt --out checkpoints/weights2
 """
 
 from __future__ import annotations
