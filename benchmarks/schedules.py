@@ -6,8 +6,10 @@ Each schedule recomputes every block every N-th step after W warm-up steps (thre
 reach, so only the schedule decides), with and without `forecast`, and diffusers' TaylorSeer on the
 same full-compute steps: the same first-order forecast, but of each attention and feed-forward
 output, with the block's norms and timestep gates run afresh. Prints mean and min PSNR over the
-bench prompts against the uncached output, and the fraction of block calls computed (its inverse
-bounds the speedup). No timing, so the figures do not depend on machine load.
+bench prompts against the uncached output, the fraction of block calls computed (its inverse
+bounds the speedup), and warpcache's measured speedup (median over the prompts of the ratio of
+median uncached and cached wall times, interleaved; PSNR does not depend on machine load, the
+speedup does).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from diffusers import TaylorSeerCacheConfig
 import warpcache_cli as wc
 from warpcache_cli import quality
 from warpcache_cli.bench import TAYLORSEER_LAYERS
+from warpcache_cli.measure import measure
 from warpcache_cli.models import Request, generate, load_model
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
@@ -33,26 +36,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[5000])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; the speedup is their medians' ratio")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_model("builtin")
     requests = [Request(p, s, args.steps) for p in PROMPTS for s in args.seeds]
     references = [generate(pipe, r) for r in requests]
-    print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'mean PSNR':>9} {'min PSNR':>8} {'computed':>8}")
+    print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'mean PSNR':>9} {'min PSNR':>8} {'computed':>8} "
+          f"{'speedup':>7}")
     for interval, warm, forecast in SCHEDULES:
         config = wc.Config.default().with_policy(
             base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0,
             warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast)
-        psnr, computed = [], []
-        for req, ref in zip(requests, references):
-            session = wc.apply(pipe, config)
-            try:
-                psnr.append(quality.psnr(generate(pipe, req), ref))
-            finally:
-                wc.remove(pipe)
-            computed.append(session.stats.to_dict()["compute_fraction"])
-        print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {np.mean(psnr):>9.1f} {np.min(psnr):>8.1f} "
-              f"{np.mean(computed):>8.3f}")
+        runs = [measure(pipe, config, req, args.repeats) for req in requests]
+        psnr = [m.quality["psnr"] for m in runs]
+        print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
+              f"{np.mean([m.stats['compute_fraction'] for m in runs]):>8.3f} "
+              f"{np.median([m.speedup for m in runs]):>6.2f}x")
     for interval, warm in TAYLORSEER_SCHEDULES:
         # full compute at steps < warm and at warm + 1 + k interval (diffusers' `_measure_should_compute`)
         psnr = []
@@ -65,7 +65,7 @@ def main() -> None:
             finally:
                 pipe.transformer.disable_cache()
         computed = (warm + len(range(warm + 1, args.steps, interval))) / args.steps
-        print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'module':>8} {np.mean(psnr):>9.1f} {np.min(psnr):>8.1f} "
+        print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'module':>8} {np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
               f"{computed:>8.3f}")
 
 
