@@ -69,7 +69,8 @@ def main() -> None:
     est, meas, rows = [], [], []
     print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
     for i, cfg in enumerate(configs):
-        e = np.mean([r.run(cfg.policy).psnr.mean() for r in replayers])
+        results = [r.run(cfg.policy) for r in replayers]
+        e = np.mean([res.psnr.mean() for res in results])
         psnrs = []
         for req, ref in zip(requests, refs):
             wc.apply(pipe, cfg)
@@ -78,10 +79,9 @@ def main() -> None:
             finally:
                 wc.remove(pipe)
         m = float(np.mean(psnrs))
-        sp = np.mean([r.run(cfg.policy).speedup.mean() for r in replayers])
+        sp = np.mean([res.speedup.mean() for res in results])
         est.append(e)
         meas.append(m)
-        results = [r.run(cfg.policy) for r in replayers]
         rows.append({"config": cfg.to_dict(), "measured": psnrs, "requests": [[q.prompt, q.seed] for q in requests],
                      "est_psnr": [res.psnr.tolist() for res in results],
                      "error": [res.error.tolist() for res in results]})
