@@ -3,15 +3,17 @@
 Deterministic for a seed, checkpoints every `--ckpt-every` steps and resumes from the last
 checkpoint, so it survives a session ending mid-run. CI never runs this.
 
-    python scripts/train_builtin.py --steps 5000            # ~70 min on 2 CPU cores
-    python scripts/train_builtin.py --steps 5000 --export   # re-export the last checkpoint only
-    python scripts/train_builtin.py --steps 3000 --warm-start --lr 3e-4   # continue from the shipped weights
+A single run from scratch, sized for 90 minutes on 2 idle CPU cores (about 1.2 s a step):
 
-The recipe that reached 87.5% prompt following (48 held-out clips; shipped weights: 37.5%), whose
-weights sit in scripts/candidates/builtin-coords (6 input channels: RGB + coordinates; not shipped),
-in four legs (52%, 62.5%, 79.2% after the first three):
+    python scripts/train_builtin.py --steps 4400 --motion-weight 5 --fg-weight 2 --speed-p 0.2 0.4 0.4
+    python scripts/train_builtin.py --steps 4400 --export   # re-export the last checkpoint only
 
-    python scripts/train_builtin.py --warm-start --steps 2500 --lr 1e-3 --motion-weight 5 \
+The shipped weights (87.5% prompt following on 48 held-out clips; log: docs/builtin-train.log)
+were trained in legs, each warm-started from the one before. The first started from the earlier
+3-channel weights (3,400 steps of plain MSE; `git show 9f8284d:warpcache_cli/builtin/weights/...`),
+whose coordinate channels `widened` adds with zero weights; about 2 h 10 min in all:
+
+    python scripts/train_builtin.py --warm-start OLD_3CH_WEIGHTS --steps 2500 --lr 1e-3 --motion-weight 5 \
         --fg-weight 2 --speed-p 0.2 0.4 0.4 --out checkpoints/weights
     python scripts/train_builtin.py --warm-start checkpoints/weights --steps 2000 --lr 7e-4 --motion-weight 5 \
         --fg-weight 2 --speed-p 0.2 0.4 0.4 --seed 1 --ckpt checkpoints/leg2.pt --out checkpoints/weights2
