@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import ARCHITECTURES, build, denoise
@@ -250,3 +252,23 @@ def test_motion_is_estimated_only_when_the_policy_uses_it(monkeypatch, motion_sc
     wc.remove(model)
     assert session.stats.counts[wc.Action.REUSE] > 0
     assert bool(calls) == estimated
+
+
+def test_drift_is_not_measured_when_the_schedule_forces_a_recompute(monkeypatch):
+    """After `max_consecutive_reuse` reuses the block recomputes whatever the drift: measuring it would only cost."""
+    measured = []
+    real = wc.runtime.hooks.drift
+    monkeypatch.setattr(wc.runtime.hooks, "drift", lambda *a, **k: measured.append(1) or real(*a, **k))
+    model, inputs = build("wan")
+    cfg = wc.Config.default().with_policy(base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0,
+                                          motion_scale=0.0, warm_up_steps=1, max_consecutive_reuse=1)
+    session = wc.apply(model, cfg)
+    denoise(model, inputs, steps=5)
+    wc.remove(model)
+    decisions = session.stats.decisions
+    blocks = 1 + max(d.layer for d in decisions)
+    # step 0 warms up; then reuse and forced recompute alternate: only the reuses measured drift
+    assert [d.action for d in decisions if d.layer == 0] == [wc.Action.RECOMPUTE] + [
+        wc.Action.REUSE, wc.Action.RECOMPUTE] * 2
+    assert len(measured) == sum(d.action == wc.Action.REUSE for d in decisions) == 2 * blocks
+    assert all(math.isinf(d.drift) for d in decisions if d.action == wc.Action.RECOMPUTE)

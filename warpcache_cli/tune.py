@@ -111,11 +111,12 @@ class SearchSpace:
 
     def schedules(self) -> list[dict[str, Any]]:
         """Trials the search starts from: fixed reuse schedules with forecasting (TaylorSeer's shape) and
-        without (FORA's), after 2 to 6 warm-up steps. Drift-driven configs must beat these to win, and
-        a schedule is a corner (threshold at the largest drift) a sampler seldom lands on by itself.
+        without (FORA's), every 2nd to 6th step after 2 to 6 warm-up steps. Drift-driven configs must beat
+        these to win, and a schedule is a corner (threshold at the largest drift) a sampler seldom lands on
+        by itself.
         """
         out = []
-        for interval, warm, forecast in itertools.product((2, 3, 4), (2, 4, 6), (1.0, 0.0)):
+        for interval, warm, forecast in itertools.product((2, 3, 4, 5, 6), (2, 3, 4, 6), (1.0, 0.0)):
             if warm >= self.steps or interval - 1 > self.lags:
                 continue
             params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,

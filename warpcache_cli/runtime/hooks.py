@@ -135,7 +135,7 @@ class BlockHook(ModelHook):
         state = s.block_state(self.layer)
         sketch = x[:, s.subset(x.shape[1], x.device)]
         usable = state.sketch is not None and state.sketch.shape == sketch.shape
-        if s.step.step < cfg.warm_up_steps:
+        if s.step.step < cfg.warm_up_steps or state.reuse_run >= cfg.max_consecutive_reuse:
             usable = False  # a forced recompute: measuring drift would only cost time
         d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
         action = Action.RECOMPUTE
