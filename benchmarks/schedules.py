@@ -3,9 +3,10 @@
     python benchmarks/schedules.py --seeds 5000
 
 Each schedule recomputes every block every N-th step after W warm-up steps (thresholds out of
-reach, so only the schedule decides), with and without `forecast`, and diffusers' TaylorSeer on the
-same full-compute steps: the same first-order forecast, but of each attention and feed-forward
-output, with the block's norms and timestep gates run afresh. Prints mean and min PSNR over the
+reach, so only the schedule decides), with and without `forecast` (first order, and with its
+`forecast_curvature` second-order term), and diffusers' TaylorSeer on the same full-compute steps:
+the same Taylor forecast (order 1 or 2), but of each attention and feed-forward output, with the
+block's norms and timestep gates run afresh. Prints mean and min PSNR over the
 bench prompts against the uncached output, the fraction of block calls computed (its inverse
 bounds the speedup), and warpcache's measured speedup (median over the prompts of the ratio of
 median uncached and cached wall times, interleaved; PSNR does not depend on machine load, the
@@ -27,9 +28,10 @@ from warpcache_cli.measure import measure
 from warpcache_cli.models import Request, generate, load_model
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
-# (interval, warm-up, forecast)
-SCHEDULES = ((4, 2, 1.0), (4, 3, 1.0), (5, 2, 1.0), (5, 3, 1.0), (6, 2, 1.0), (4, 2, 0.0))
-TAYLORSEER_SCHEDULES = ((4, 2), (5, 2))  # (interval, steps before the first forecast)
+# (interval, warm-up, forecast, forecast_curvature)
+SCHEDULES = ((3, 3, 1.0, 0.0), (3, 3, 1.0, 0.5), (4, 3, 1.0, 0.0), (4, 3, 1.0, 0.5), (4, 3, 0.8, 0.5),
+             (5, 3, 1.0, 0.5), (4, 3, 0.0, 0.0))
+TAYLORSEER_SCHEDULES = ((4, 2, 1), (4, 2, 2), (5, 2, 2))  # (interval, steps before the first forecast, order)
 
 
 def main() -> None:
@@ -42,30 +44,32 @@ def main() -> None:
     pipe = load_model("builtin")
     requests = [Request(p, s, args.steps) for p in PROMPTS for s in args.seeds]
     references = [generate(pipe, r) for r in requests]
-    print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'mean PSNR':>9} {'min PSNR':>8} {'computed':>8} "
-          f"{'speedup':>7}")
-    for interval, warm, forecast in SCHEDULES:
+    print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'curv.':>5} {'mean PSNR':>9} {'min PSNR':>8} "
+          f"{'computed':>8} {'speedup':>7}")
+    for interval, warm, forecast, curvature in SCHEDULES:
         config = wc.Config.default().with_policy(
             base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0,
-            warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast)
+            warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast, forecast_curvature=curvature)
         runs = [measure(pipe, config, req, args.repeats) for req in requests]
         psnr = [m.quality["psnr"] for m in runs]
-        print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
+        print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {curvature:>5.1f} {np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
               f"{np.mean([m.stats['compute_fraction'] for m in runs]):>8.3f} "
               f"{np.median([m.speedup for m in runs]):>6.2f}x")
-    for interval, warm in TAYLORSEER_SCHEDULES:
+    for interval, warm, order in TAYLORSEER_SCHEDULES:
         # full compute at steps < warm and at warm + 1 + k interval (diffusers' `_measure_should_compute`)
         psnr = []
         for req, ref in zip(requests, references):
             pipe.transformer.enable_cache(TaylorSeerCacheConfig(
-                cache_interval=interval, disable_cache_before_step=warm, taylor_factors_dtype=torch.float32,
+                cache_interval=interval, disable_cache_before_step=warm, max_order=order,
+                taylor_factors_dtype=torch.float32,
                 cache_identifiers=[TAYLORSEER_LAYERS]))
             try:
                 psnr.append(quality.psnr(generate(pipe, req), ref))
             finally:
                 pipe.transformer.disable_cache()
         computed = (warm + len(range(warm + 1, args.steps, interval))) / args.steps
-        print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'module':>8} {np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
+        print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'order ' + str(order):>8} {'':>5} {np.mean(psnr):>9.2f} "
+              f"{np.min(psnr):>8.2f} "
               f"{computed:>8.3f}")
 
 

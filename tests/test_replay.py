@@ -102,27 +102,29 @@ def test_config_for_another_model_is_refused(small_trace, tmp_path):
     assert res.exit_code == 2 and "some/other-model" in res.stderr and "builtin" in res.stderr
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.4])
-def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weight):
+@pytest.mark.parametrize(("weight", "curvature"), [(1.0, 0.0), (0.4, 0.0), (0.8, 0.5)])
+def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weight, curvature):
     # sketches as wide as the drift subset hold every residual the Gram table was built from
     trace = profile(builtin, [Request(PROMPTS[0], 0, 8)], model_id="builtin", tokens=32, sketch_tokens=32,
                     calibrate=0)
     rep = Replayer(trace)
     policy = wc.Config.default().with_policy(
         base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0, warm_up_steps=3,
-        max_consecutive_reuse=2, token_subset=32, forecast=weight).policy
-    actions, _, lags, gaps = rep.decisions(policy)
-    assert (lags[:, :, 3:] > 0).any() and (gaps[lags > 0] > 0).all()
+        max_consecutive_reuse=2, token_subset=32, forecast=weight, forecast_curvature=curvature).policy
+    actions, _, lags, gaps, gaps2 = rep.decisions(policy)
+    assert (lags[:, :, 3:] > 0).any() and (gaps[lags > 0] > 0).all() and (gaps2[lags > 0] > 0).all()
     r = trace.arrays["sketch_res"].astype(np.float64)  # (R, Br, S, L, B, K, C)
     out = r + trace.arrays["sketch_in"].astype(np.float64)
-    got = rep._forecast_err(weight, lags, gaps, slice(None))
-    plain = rep._forecast_err(0.0, lags, gaps, slice(None))
+    got = rep._forecast_err(weight, curvature, lags, gaps, gaps2, slice(None))
+    plain = rep._forecast_err(0.0, 0.0, lags, gaps, gaps2, slice(None))
     for idx in zip(*np.nonzero(lags)):
         run, br, s, layer = idx
-        k, g = lags[idx], gaps[idx]
-        rs, rc, rp = (r[run, br, t, layer] for t in (s, s - k, s - k - g))
+        k, g, h = lags[idx], gaps[idx], gaps2[idx]
+        rs, rc, rp, rq = (r[run, br, t, layer] for t in (s, s - k, s - k - g, s - k - g - h))
         norm = np.linalg.norm(out[run, br, s, layer])
-        want = np.linalg.norm(rs - rc - weight * k / g * (rc - rp)) / norm
+        d1, d1_prev = (rc - rp) / g, (rp - rq) / h
+        forecast = rc + weight * k * d1 + curvature * k * (k + g) * (d1 - d1_prev) / (g + h)
+        want = np.linalg.norm(rs - forecast) / norm
         assert got[idx] == pytest.approx(want, rel=0.03, abs=1e-4)
         # no forecast: exactly the recorded plain-reuse error
         assert plain[idx] == pytest.approx(trace.arrays["reuse_err"][run, br, s, layer, k - 1], rel=1e-3)

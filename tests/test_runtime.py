@@ -239,6 +239,28 @@ def test_forecast_extrapolates_along_the_last_two_computations(weight):
         torch.testing.assert_close(r[5], r[4] + weight * (r[4] - r[2]) / 2)
 
 
+@pytest.mark.parametrize(("weight", "curvature"), [(1.0, 0.5), (0.0, 1.0)])
+def test_forecast_curvature_is_newtons_second_order_term(weight, curvature):
+    model, inputs = build("wan")
+    # warm-up computes steps 0-3, then two reuses and a recompute: steps 4, 5 reuse 3; 7 reuses 6
+    cfg = AGGRESSIVE.with_policy(warm_up_steps=4, max_consecutive_reuse=2, forecast=weight,
+                                 forecast_curvature=curvature)
+    session = wc.apply(model, cfg)
+    obs = session.observer = _Residuals()
+    denoise(model, inputs, steps=8)
+    wc.remove(model)
+    def newton(r: dict[int, torch.Tensor], s: int, c: int, p: int, q: int) -> torch.Tensor:
+        d1, d1_prev = (r[c] - r[p]) / (c - p), (r[p] - r[q]) / (p - q)
+        return r[c] + weight * (s - c) * d1 + curvature * (s - c) * (s - p) * (d1 - d1_prev) / (c - q)
+
+    for layer in range(3):
+        assert [s for s in range(8) if obs.actions[(s, layer)] == wc.Action.RECOMPUTE] == [0, 1, 2, 3, 6]
+        r = {s: obs.seen[(s, layer)] for s in range(8)}
+        torch.testing.assert_close(r[4], newton(r, 4, 3, 2, 1))
+        torch.testing.assert_close(r[5], newton(r, 5, 3, 2, 1))
+        torch.testing.assert_close(r[7], newton(r, 7, 6, 3, 2))
+
+
 @pytest.mark.parametrize(("motion_scale", "estimated"), [(0.0, False), (1.0, True)])
 def test_motion_is_estimated_only_when_the_policy_uses_it(monkeypatch, motion_scale, estimated):
     calls = []

@@ -261,6 +261,8 @@ class PolicyConfig(_Node):
     max_consecutive_reuse: int = field(default=3, metadata=_number(1, 1000, integer=True))
     # a reused block's residual is extrapolated along its last two computations, weighted by this (0: plain reuse)
     forecast: float = field(default=0.0, metadata=_number(0, 1))
+    # and the second-order (curvature) term through the last three, weighted by this (0: first order only)
+    forecast_curvature: float = field(default=0.0, metadata=_number(0, 1))
     drift_metric: str = field(default="cosine", metadata=_choice("cosine", "l2"))
     token_subset: int = field(default=256, metadata=_number(8, 1_000_000, integer=True))
     token_seed: int = field(default=0, metadata=_number(0, integer=True))

@@ -109,10 +109,10 @@ class Replayer:
         return self._drift[v]
 
     def decisions(self, policy: PolicyConfig, runs: slice = slice(None)
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Actions, drift seen, lag used and the gap between the two computations before it, each
-        (R, Br, S, L), as the live hooks would decide; lag and gap are 0 where the block was computed,
-        the gap is 0 too where no earlier computation exists.
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Actions, drift seen, lag used, the gap between the two computations before it and the gap
+        between the two before that, each (R, Br, S, L), as the live hooks would decide; lag and gaps are 0
+        where the block was computed, a gap is 0 too where no earlier computation exists.
 
         All runs, branches and blocks advance together, one step at a time, so a replay costs a
         few dozen array operations per step whatever the model's size.
@@ -132,13 +132,16 @@ class Replayer:
         seen = np.empty((self.steps, r * br * lyr))
         lags = np.empty((self.steps, r * br * lyr), dtype=np.int64)
         prevs = np.empty((self.steps, r * br * lyr), dtype=np.int64)  # the computation before the last
+        pprev = prev.copy()
+        pprevs = np.empty_like(prevs)  # and the one before that
         for s in range(self.steps):
             lag = np.minimum(s - last, width - 1)
             d = flat[s, rows, lag]
             a = choose(policy, s, d, t_all[s], w_all[s], run_len)
             recompute = a == RECOMPUTE
             actions[s], seen[s], lags[s] = a, d, lag
-            prevs[s] = prev
+            prevs[s], pprevs[s] = prev, pprev
+            pprev[recompute] = prev[recompute]
             prev[recompute] = last[recompute]
             last[recompute] = s
             run_len += 1
@@ -146,17 +149,19 @@ class Replayer:
         shape = (self.steps, r, br, lyr)
         computed = actions == RECOMPUTE
         gaps = np.where(prevs >= 0, np.arange(self.steps)[:, None] - lags - prevs, 0)
+        gaps2 = np.where(pprevs >= 0, prevs - pprevs, 0)
 
         def back(x: np.ndarray) -> np.ndarray:
             return x.reshape(shape).transpose(1, 2, 0, 3)
 
-        return back(actions), back(seen), back(np.where(computed, 0, lags)), back(np.where(computed, 0, gaps))
+        return (back(actions), back(seen), back(np.where(computed, 0, lags)), back(np.where(computed, 0, gaps)),
+                back(np.where(computed, 0, gaps2)))
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
-        actions, seen, lags, gaps = self.decisions(policy, runs)
+        actions, seen, lags, gaps, gaps2 = self.decisions(policy, runs)
         reused = actions != RECOMPUTE
-        if policy.forecast > 0:
-            err = self._forecast_err(policy.forecast, lags, gaps, runs)
+        if policy.forecast > 0 or policy.forecast_curvature > 0:
+            err = self._forecast_err(policy.forecast, policy.forecast_curvature, lags, gaps, gaps2, runs)
         else:
             idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
             err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
@@ -177,12 +182,16 @@ class Replayer:
             ssim=self.quality.ssim(error) if self.quality else np.full(len(error), np.nan),
         )
 
-    def _forecast_err(self, weight: float, lags: np.ndarray, gaps: np.ndarray, runs: slice) -> np.ndarray:
-        """Relative error of the extrapolated residual r_c + w k (r_c - r_p) / g against the true r_s.
+    def _forecast_err(self, weight: float, curvature: float, lags: np.ndarray, gaps: np.ndarray,
+                      gaps2: np.ndarray, runs: slice) -> np.ndarray:
+        """Relative error of the forecast residual against the true r_s, as the live hooks extrapolate it.
 
-        With c = s - k the last and p = c - g the previous computation, the error vector is
-        r_s - (1 + b) r_c + b r_p with b = w k / g, whose squared norm is a quadratic form in the
-        recorded residual Gram entries <r_i, r_{i-j}>; g = 0 (no earlier computation) is plain reuse.
+        With c = s - k, p = c - g and q = p - h the last three computations, the forecast is
+        r_c + A (r_c - r_p) + B ((r_c - r_p) / g - (r_p - r_q) / h), A = weight k / g and
+        B = curvature k (k + g) / (g + h): a combination of r_c, r_p and r_q, so the error's squared norm
+        is a quadratic form in the recorded residual Gram entries <r_i, r_{i-j}>. A term without its
+        computations (g or h = 0) is left out, as live; so is a curvature reaching further back than
+        the Gram table (it is then priced as first order).
         """
         if self._dots is None:
             raise WarpcacheError("policy.forecast needs residual dot products the trace did not record; "
@@ -190,14 +199,24 @@ class Replayer:
         dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
         r, br, steps, lyr, span = dots.shape
         ri, bi, si, li = np.ogrid[:r, :br, :steps, :lyr]
-        c, p = np.clip(si - lags, 0, None), np.clip(si - lags - gaps, 0, None)
-        b = np.where(gaps > 0, weight * lags / np.maximum(gaps, 1), 0.0)
-        a = 1.0 + b
+        c = np.clip(si - lags, 0, None)
+        p = np.clip(c - gaps, 0, None)
+        q = np.clip(p - gaps2, 0, None)
+        g, h = np.maximum(gaps, 1), np.maximum(gaps2, 1)
+        big_a = np.where(gaps > 0, weight * lags / g, 0.0)
+        big_b = (np.where((gaps > 0) & (gaps2 > 0) & (lags + gaps + gaps2 < span),
+                          curvature * lags * (lags + gaps) / (g + h), 0.0) if curvature else 0.0)
+        wc, wp, wq = 1.0 + big_a + big_b / g, -big_a - big_b / g - big_b / h, big_b / h
+
+        def dot(step: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
+            return dots[ri, bi, step, li, np.minimum(dist, span - 1)]
+
         norms = dots[..., 0]  # <r_i, r_i>
-        sq = (norms + a * a * norms[ri, bi, c, li] + b * b * norms[ri, bi, p, li]
-              - 2 * a * dots[ri, bi, si, li, np.minimum(lags, span - 1)]
-              + 2 * b * dots[ri, bi, si, li, np.minimum(lags + gaps, span - 1)]
-              - 2 * a * b * dots[ri, bi, c, li, np.minimum(gaps, span - 1)])
+        sq = (norms + wc * wc * norms[ri, bi, c, li] + wp * wp * norms[ri, bi, p, li]
+              - 2 * wc * dot(si, lags) - 2 * wp * dot(si, lags + gaps) + 2 * wc * wp * dot(c, gaps))
+        if curvature:  # r_q's terms; without curvature wq is 0
+            sq += (wq * wq * norms[ri, bi, q, li] - 2 * wq * dot(si, lags + gaps + gaps2)
+                   + 2 * wc * wq * dot(c, gaps + gaps2) + 2 * wp * wq * dot(p, gaps2))
         return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))
 
     def _calibrate(self) -> QualityModel | None:

@@ -102,6 +102,7 @@ class SearchSpace:
             warm_up_steps=trial.suggest_int("warm_up_steps", 0, max(1, self.steps // 3)),
             max_consecutive_reuse=trial.suggest_int("max_consecutive_reuse", 1, self.lags),
             forecast=trial.suggest_float("forecast", 0.0, 1.0) if self.forecast else 0.0,
+            forecast_curvature=trial.suggest_float("forecast_curvature", 0.0, 1.0) if self.forecast else 0.0,
             phase_breakpoints=(a, b),
             phase_multipliers=(early, min(1.5, late)),
             layer_multipliers={k: float(v**strength) for k, v in self.multipliers.items()},
@@ -110,20 +111,22 @@ class SearchSpace:
 
 
     def schedules(self) -> list[dict[str, Any]]:
-        """Trials the search starts from: fixed reuse schedules with forecasting (TaylorSeer's shape) and
-        without (FORA's), every 2nd to 6th step after 2 to 6 warm-up steps. Drift-driven configs must beat
+        """Trials the search starts from: fixed reuse schedules with first- and second-order forecasting
+        (TaylorSeer's shape; the curvature at half weight, a damped extrapolation) and without (FORA's),
+        every 2nd to 6th step after 2 to 6 warm-up steps. Drift-driven configs must beat
         these to win, and a schedule is a corner (threshold at the largest drift) a sampler seldom lands on
         by itself.
         """
         out = []
-        for interval, warm, forecast in itertools.product((2, 3, 4, 5, 6), (2, 3, 4, 6), (1.0, 0.0)):
+        for interval, warm, (forecast, curvature) in itertools.product(
+                (2, 3, 4, 5, 6), (2, 3, 4, 6), ((1.0, 0.5), (1.0, 0.0), (0.0, 0.0))):
             if warm >= self.steps or interval - 1 > self.lags:
                 continue
             params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,
                       "phase_early": 1.0, "phase_late_share": 0.0, "sensitivity_strength": 0.0, "min_frac": 1.0,
                       "motion_scale": 0.0, "warm_up_steps": warm, "max_consecutive_reuse": interval - 1}
             if self.forecast:
-                params["forecast"] = forecast
+                params |= {"forecast": forecast, "forecast_curvature": curvature}
             elif forecast:
                 continue
             out.append(params)

@@ -166,48 +166,60 @@ class BlockHook(ModelHook):
             s.observer.on_block(s, self.layer, x, residuals[0], time.perf_counter() - start, decision)
         return out
 
-    def _slope_key(self, stream: int, step: int) -> FeatureKey:
-        return FeatureKey(self.session.request_id(f"{stream}/slope"), self.layer, step)
+    def _slope_key(self, stream: int, step: int, order: int = 1) -> FeatureKey:
+        """Where the divided difference of `order` (1: slope, 2: curvature) computed at `step` is stored."""
+        return FeatureKey(self.session.request_id(f"{stream}/d{order}"), self.layer, step)
 
     def _forecast(self, state: BlockState, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Cached residuals moved on along their per-step slope, `forecast` of the way (TaylorSeer's first order).
+        """Cached residuals moved on along their last computations (Newton's forward form, TaylorSeer's idea):
 
-        Without a stored slope (one computation so far, or it did not fit the cache) plain reuse.
+        r_s = r_c + forecast (s - c) d1 + forecast_curvature (s - c)(s - p) d2, with c and p the last two
+        computations, d1 = (r_c - r_p) / (c - p) and d2 the second divided difference through the last
+        three. A term whose differences are not stored (too few computations, or they did not fit) is left out.
         """
-        s = self.session
-        weight = s.config.policy.forecast * (s.step.step - state.computed_step)
-        if weight == 0.0:
-            return residuals
+        s, p = self.session, self.session.config.policy
+        k, c = s.step.step, state.computed_step
+        weights = ((1, p.forecast * (k - c)), (2, p.forecast_curvature * (k - c) * (k - state.previous_step)))
         out = []
-        for k, r in enumerate(residuals):
-            slope = s.store.get(self._slope_key(k, state.computed_step))
-            out.append(r if slope is None else torch.add(r, slope.tensor, alpha=weight))
+        for stream, r in enumerate(residuals):
+            for order, weight in weights:
+                if not weight:
+                    continue
+                diff = s.store.get(self._slope_key(stream, c, order))
+                if diff is None:  # and none of a higher order either
+                    break
+                r = torch.add(r, diff.tensor, alpha=weight)
+            out.append(r)
         return out
 
     def _remember(self, state: BlockState, old_keys: list[FeatureKey], residuals: list[torch.Tensor],
                   sketch: torch.Tensor, x: torch.Tensor) -> None:
         """Store the new residuals in place of the old; a residual that does not fit means no reuse next time.
 
-        With forecasting on, the slope from the previous computation is stored too; it needs that
-        computation kept, so storing starts one step earlier.
+        With forecasting on, the divided differences through the last computations are stored too; they
+        need those computations kept, so storing starts a step earlier per order.
         """
         s = self.session
         step, p, grid = s.step.step, s.config.policy, s.grid
-        forecast = p.forecast > 0
-        needed = step + 1 + forecast >= p.warm_up_steps  # could a later step reuse (or extrapolate from) this?
+        order = 2 if p.forecast_curvature > 0 else 1 if p.forecast > 0 else 0
+        needed = step + 1 + order >= p.warm_up_steps  # could a later step reuse (or extrapolate from) this?
+        c, prev_c = state.computed_step, state.previous_step
         fits = True
         for k, (old, r) in enumerate(zip(old_keys, residuals)):
-            prev = s.store.get(old) if forecast and needed else None
+            prev = s.store.get(old) if order and needed else None
+            prev_d1 = s.store.get(self._slope_key(k, c)) if order == 2 and needed else None
             s.store.delete(old)
-            if forecast:
-                s.store.delete(self._slope_key(k, state.computed_step))
+            for o in range(1, order + 1):
+                s.store.delete(self._slope_key(k, c, o))
             if needed:
                 fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
-            if fits and prev is not None:  # a slope that does not fit only means plain reuse
-                s.store.put(self._slope_key(k, step), (r.detach() - prev.tensor) / (step - state.computed_step))
+            if fits and prev is not None:  # differences that do not fit only mean a lower order
+                d1 = (r.detach() - prev.tensor) / (step - c)
+                if s.store.put(self._slope_key(k, step), d1) and prev_d1 is not None:
+                    s.store.put(self._slope_key(k, step, 2), (d1 - prev_d1.tensor) / (step - prev_c))
         warpable = (needed and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
                     and p.warp_threshold > 0 and self.layer not in p.no_warp_layers)
         state.sketch = sketch.detach() if fits else None
         state.frame_map, state.direction = motion.frame_maps(x, grid) if warpable and fits else (None, None)
-        state.computed_step = step
+        state.previous_step, state.computed_step = c, step
         state.reuse_run = 0

@@ -30,6 +30,7 @@ class BlockState:
     frame_map: torch.Tensor | None = None  # input reduced to (B, F, H, W) on the grid, for the warp's shift estimate
     direction: torch.Tensor | None = None  # the channel direction that map was reduced on
     computed_step: int = -1
+    previous_step: int = -1  # the computation before `computed_step`, for the forecast's curvature
     reuse_run: int = 0
 
 
