@@ -11,6 +11,7 @@ interleaved so drift in machine load hits both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import io
@@ -224,15 +225,16 @@ def magcache(thresholds: Sequence[float] = (0.03, 0.06, 0.12, 0.24)) -> Method:
 TAYLORSEER_LAYERS = r"(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.(attn\d?|ffn?|ff_context)"
 
 
-def taylorseer(intervals: Sequence[int] = (2, 3, 4, 6)) -> Method:
-    """TaylorSeer: attention and feed-forward outputs forecast by a first-order Taylor series between full steps.
+def taylorseer(intervals: Sequence[int] = (2, 3, 4, 6), order: int = 1) -> Method:
+    """TaylorSeer: attention and feed-forward outputs forecast by a Taylor series of `order` between full steps.
 
     Factors are kept in float32: bfloat16 (the default) loses most of the bits of a difference
     between neighbouring steps.
     """
     return _diffusers_method(
-        "taylorseer", "cache interval", tuple(float(n) for n in intervals),
-        lambda n, clock: TaylorSeerCacheConfig(cache_interval=int(n), taylor_factors_dtype=torch.float32,
+        "taylorseer" if order == 1 else f"taylorseer{order}", "cache interval", tuple(float(n) for n in intervals),
+        lambda n, clock: TaylorSeerCacheConfig(cache_interval=int(n), max_order=order,
+                                               taylor_factors_dtype=torch.float32,
                                                cache_identifiers=[TAYLORSEER_LAYERS]),
     )
 
@@ -283,7 +285,8 @@ def dbcache(thresholds: Sequence[float] = (0.08, 0.12, 0.24, 0.4)) -> Method:
 
 
 PEERS: dict[str, Callable[[], Method]] = {
-    "fbcache": fbcache, "magcache": magcache, "taylorseer": taylorseer, "pab": pab, "fastercache": fastercache,
+    "fbcache": fbcache, "magcache": magcache, "taylorseer": taylorseer,
+    "taylorseer2": functools.partial(taylorseer, order=2), "pab": pab, "fastercache": fastercache,
     "fora": fora, "dbcache": dbcache,
 }
 METHOD_NAMES = ("warpcache", *PEERS)
