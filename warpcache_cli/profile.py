@@ -491,7 +491,8 @@ def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
         out.append(base.with_policy(
             drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
             warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping
-            forecast=0.0 if i % 2 else 1.0,  # the quality model sees plain, warped and extrapolated reuse
+            # the quality model sees plain, warped and extrapolated reuse, first and second order
+            forecast=0.0 if i % 2 else 1.0, forecast_curvature=0.5 if i % 4 == 2 else 0.0,
             motion_scale=0.0, phase_multipliers=(1.0, 1.0),
             warm_up_steps=2, max_consecutive_reuse=min(trace.lags, 2 + i),
         ))
