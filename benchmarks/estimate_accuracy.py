@@ -7,6 +7,8 @@ range). Each is replayed on the traces (estimate) and run live with the traces' 
 seeds the traces did not record (measurement). Prints the mean absolute error (goal <= 1.5 dB)
 and Spearman's rank correlation (goal >= 0.9), the estimate's bias, and the MAE that measurement
 noise alone would give (PSNR varies between seeds; more `--seeds` lower that floor).
+`--rescore DUMP` re-estimates the configs of an earlier `--dump` against its measurements,
+without the model: a change to the quality model is judged in seconds.
 """
 
 from __future__ import annotations
@@ -48,29 +50,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("traces", nargs="+", type=Path)
-    ap.add_argument("--configs", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[2001])
-    ap.add_argument("--dump", type=Path, help="write each config's per-run estimates and per-request measurements "
-                    "here (JSON), to study the quality model without rerunning the model")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    traces = [Trace.load(p) for p in args.traces]
-    tuner = Tuner(traces, Budget(min_psnr=20.0))
-    study = tuner.search(400, seed=0)
-    configs = spread_configs(tuner, study, args.configs)
-    replayers = [Replayer(t) for t in traces]
-    pipe = load_model(traces[0].model)
-    requests = [Request(p, s, t.meta["steps"], t.meta["guidance"]) for t in traces for p in dict.fromkeys(
-        t.meta["prompts"]) for s in args.seeds]
+def measure_all(pipe, configs: list[wc.Config], requests: list[Request]) -> list[list[float]]:
+    """PSNR of each config on each request against the uncached output."""
     refs = [generate(pipe, r) for r in requests]
-    est, meas, rows = [], [], []
-    print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
-    for i, cfg in enumerate(configs):
-        results = [r.run(cfg.policy) for r in replayers]
-        e = np.mean([res.psnr.mean() for res in results])
+    out = []
+    for cfg in configs:
         psnrs = []
         for req, ref in zip(requests, refs):
             wc.apply(pipe, cfg)
@@ -78,6 +62,39 @@ def main() -> None:
                 psnrs.append(quality.psnr(generate(pipe, req), ref))
             finally:
                 wc.remove(pipe)
+        out.append(psnrs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument("--configs", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2001])
+    ap.add_argument("--dump", type=Path, help="write each config's per-run estimates and per-request measurements "
+                    "here (JSON), to study the quality model without rerunning the model")
+    ap.add_argument("--rescore", type=Path, help="take the configs and measurements from a --dump of an earlier run "
+                    "of the same traces and only estimate again: a change to the quality model is judged in seconds")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    traces = [Trace.load(p) for p in args.traces]
+    replayers = [Replayer(t) for t in traces]
+    if args.rescore:
+        earlier = json.loads(args.rescore.read_text())
+        configs = [wc.Config.from_dict(r["config"]) for r in earlier]
+        requests = [Request(p, s, traces[0].meta["steps"]) for p, s in earlier[0]["requests"]]
+        measured = [r["measured"] for r in earlier]
+    else:
+        tuner = Tuner(traces, Budget(min_psnr=20.0))
+        configs = spread_configs(tuner, tuner.search(400, seed=0), args.configs)
+        requests = [Request(p, s, t.meta["steps"], t.meta["guidance"]) for t in traces for p in dict.fromkeys(
+            t.meta["prompts"]) for s in args.seeds]
+        measured = measure_all(load_model(traces[0].model), configs, requests)
+    est, meas, rows = [], [], []
+    print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
+    for i, (cfg, psnrs) in enumerate(zip(configs, measured)):
+        results = [r.run(cfg.policy) for r in replayers]
+        e = np.mean([res.psnr.mean() for res in results])
         m = float(np.mean(psnrs))
         sp = np.mean([res.speedup.mean() for res in results])
         est.append(e)
@@ -95,13 +112,13 @@ def main() -> None:
           f"Spearman rank correlation {spearman(est_a, meas_a):.3f}")
     # the measured side is a mean over a few seeds per prompt, and PSNR varies by several dB between seeds:
     # even an estimate equal to the mean over all seeds would show this error, the floor the MAE can reach
-    if len(args.seeds) > 1:
+    print(f"bias (estimated - measured) {np.mean((est_a - meas_a)[finite]):+.2f} dB")
+    if len({q.seed for q in requests}) > 1:
         prompts = [q.prompt for q in requests]
         se = np.array([np.sqrt(np.mean([np.var([m for m, p in zip(r["measured"], prompts) if p == prompt], ddof=1)
                                         for prompt in set(prompts)]) / len(requests)) for r in rows])
-        print(f"bias (estimated - measured) {np.mean((est_a - meas_a)[finite]):+.2f} dB; seed-to-seed noise of the "
-              f"measured means alone gives an MAE near {np.nanmean(se) * np.sqrt(2 / np.pi):.2f} dB "
-              f"({len(args.seeds)} seeds per prompt)")
+        print(f"seed-to-seed noise of the measured means alone gives an MAE near "
+              f"{np.nanmean(se) * np.sqrt(2 / np.pi):.2f} dB ({len({q.seed for q in requests})} seeds per prompt)")
     if args.dump:
         args.dump.write_text(json.dumps(rows, default=float))
 
