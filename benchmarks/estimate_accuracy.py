@@ -110,9 +110,9 @@ def main() -> None:
           f"{np.mean(np.abs(est_a - meas_a)[finite]):.2f} dB over the {finite.sum()} finite ones "
           f"({exact.sum()} exact on both sides, {len(est_a) - finite.sum() - exact.sum()} exact on one side only), "
           f"Spearman rank correlation {spearman(est_a, meas_a):.3f}")
+    print(f"bias (estimated - measured) {np.mean((est_a - meas_a)[finite]):+.2f} dB")
     # the measured side is a mean over a few seeds per prompt, and PSNR varies by several dB between seeds:
     # even an estimate equal to the mean over all seeds would show this error, the floor the MAE can reach
-    print(f"bias (estimated - measured) {np.mean((est_a - meas_a)[finite]):+.2f} dB")
     if len({q.seed for q in requests}) > 1:
         prompts = [q.prompt for q in requests]
         se = np.array([np.sqrt(np.mean([np.var([m for m, p in zip(r["measured"], prompts) if p == prompt], ddof=1)

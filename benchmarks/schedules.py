@@ -19,11 +19,10 @@ import argparse
 
 import numpy as np
 import torch
-from diffusers import TaylorSeerCacheConfig
 
 import warpcache_cli as wc
 from warpcache_cli import quality
-from warpcache_cli.bench import TAYLORSEER_LAYERS
+from warpcache_cli.bench import taylorseer_config
 from warpcache_cli.measure import measure
 from warpcache_cli.models import Request, generate, load_model
 
@@ -59,10 +58,7 @@ def main() -> None:
         # full compute at steps < warm and at warm + 1 + k interval (diffusers' `_measure_should_compute`)
         psnr = []
         for req, ref in zip(requests, references):
-            pipe.transformer.enable_cache(TaylorSeerCacheConfig(
-                cache_interval=interval, disable_cache_before_step=warm, max_order=order,
-                taylor_factors_dtype=torch.float32,
-                cache_identifiers=[TAYLORSEER_LAYERS]))
+            pipe.transformer.enable_cache(taylorseer_config(interval, order, disable_cache_before_step=warm))
             try:
                 psnr.append(quality.psnr(generate(pipe, req), ref))
             finally:

@@ -115,6 +115,7 @@ def test_unknown_key_rejected(data, field) -> None:
      ("policy", "base_threshold", 0, "(0, 2]"),
      ("policy", "motion_scale", 21, "[0, 20]"),
      ("policy", "saliency_power", -0.5, "[0, 4]"),
+     ("policy", "forecast_curvature", 1.5, "[0, 1]"),
      ("policy", "warm_up_steps", 1001, "[0, 1000]"),
      ("policy", "max_consecutive_reuse", 0, "[1, 1000]"),
      ("policy", "token_subset", 4, "[8, 1000000]"),

@@ -225,17 +225,18 @@ def magcache(thresholds: Sequence[float] = (0.03, 0.06, 0.12, 0.24)) -> Method:
 TAYLORSEER_LAYERS = r"(blocks|transformer_blocks|single_transformer_blocks)\.\d+\.(attn\d?|ffn?|ff_context)"
 
 
-def taylorseer(intervals: Sequence[int] = (2, 3, 4, 6), order: int = 1) -> Method:
-    """TaylorSeer: attention and feed-forward outputs forecast by a Taylor series of `order` between full steps.
+def taylorseer_config(interval: int, order: int = 1, **options: Any) -> TaylorSeerCacheConfig:
+    """TaylorSeer on every block's attention and feed-forward layers, its factors in float32: bfloat16
+    (the default) loses most of the bits of a difference between neighbouring steps."""
+    return TaylorSeerCacheConfig(cache_interval=interval, max_order=order, taylor_factors_dtype=torch.float32,
+                                 cache_identifiers=[TAYLORSEER_LAYERS], **options)
 
-    Factors are kept in float32: bfloat16 (the default) loses most of the bits of a difference
-    between neighbouring steps.
-    """
+
+def taylorseer(intervals: Sequence[int] = (2, 3, 4, 6), order: int = 1) -> Method:
+    """TaylorSeer: attention and feed-forward outputs forecast by a Taylor series of `order` between full steps."""
     return _diffusers_method(
         "taylorseer" if order == 1 else f"taylorseer{order}", "cache interval", tuple(float(n) for n in intervals),
-        lambda n, clock: TaylorSeerCacheConfig(cache_interval=int(n), max_order=order,
-                                               taylor_factors_dtype=torch.float32,
-                                               cache_identifiers=[TAYLORSEER_LAYERS]),
+        lambda n, clock: taylorseer_config(int(n), order),
     )
 
 

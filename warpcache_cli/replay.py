@@ -201,20 +201,22 @@ class Replayer:
         ri, bi, si, li = np.ogrid[:r, :br, :steps, :lyr]
         c = np.clip(si - lags, 0, None)
         p = np.clip(c - gaps, 0, None)
-        q = np.clip(p - gaps2, 0, None)
-        g, h = np.maximum(gaps, 1), np.maximum(gaps2, 1)
+        g = np.maximum(gaps, 1)
         big_a = np.where(gaps > 0, weight * lags / g, 0.0)
-        big_b = (np.where((gaps > 0) & (gaps2 > 0) & (lags + gaps + gaps2 < span),
-                          curvature * lags * (lags + gaps) / (g + h), 0.0) if curvature else 0.0)
-        wc, wp, wq = 1.0 + big_a + big_b / g, -big_a - big_b / g - big_b / h, big_b / h
+        wc, wp = 1.0 + big_a, -big_a
 
         def dot(step: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
             return dots[ri, bi, step, li, np.minimum(dist, span - 1)]
 
         norms = dots[..., 0]  # <r_i, r_i>
+        if curvature:  # r_q's weight and terms; without curvature they are 0
+            q, h = np.clip(p - gaps2, 0, None), np.maximum(gaps2, 1)
+            big_b = np.where((gaps > 0) & (gaps2 > 0) & (lags + gaps + gaps2 < span),
+                             curvature * lags * (lags + gaps) / (g + h), 0.0)
+            wc, wp, wq = wc + big_b / g, wp - big_b / g - big_b / h, big_b / h
         sq = (norms + wc * wc * norms[ri, bi, c, li] + wp * wp * norms[ri, bi, p, li]
               - 2 * wc * dot(si, lags) - 2 * wp * dot(si, lags + gaps) + 2 * wc * wp * dot(c, gaps))
-        if curvature:  # r_q's terms; without curvature wq is 0
+        if curvature:
             sq += (wq * wq * norms[ri, bi, q, li] - 2 * wq * dot(si, lags + gaps + gaps2)
                    + 2 * wc * wq * dot(c, gaps + gaps2) + 2 * wp * wq * dot(p, gaps2))
         return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))

@@ -166,7 +166,7 @@ class BlockHook(ModelHook):
             s.observer.on_block(s, self.layer, x, residuals[0], time.perf_counter() - start, decision)
         return out
 
-    def _slope_key(self, stream: int, step: int, order: int = 1) -> FeatureKey:
+    def _difference_key(self, stream: int, step: int, order: int = 1) -> FeatureKey:
         """Where the divided difference of `order` (1: slope, 2: curvature) computed at `step` is stored."""
         return FeatureKey(self.session.request_id(f"{stream}/d{order}"), self.layer, step)
 
@@ -185,7 +185,7 @@ class BlockHook(ModelHook):
             for order, weight in weights:
                 if not weight:
                     continue
-                diff = s.store.get(self._slope_key(stream, c, order))
+                diff = s.store.get(self._difference_key(stream, c, order))
                 if diff is None:  # and none of a higher order either
                     break
                 r = torch.add(r, diff.tensor, alpha=weight)
@@ -207,16 +207,16 @@ class BlockHook(ModelHook):
         fits = True
         for k, (old, r) in enumerate(zip(old_keys, residuals)):
             prev = s.store.get(old) if order and needed else None
-            prev_d1 = s.store.get(self._slope_key(k, c)) if order == 2 and needed else None
+            prev_d1 = s.store.get(self._difference_key(k, c)) if order == 2 and needed else None
             s.store.delete(old)
             for o in range(1, order + 1):
-                s.store.delete(self._slope_key(k, c, o))
+                s.store.delete(self._difference_key(k, c, o))
             if needed:
                 fits &= s.store.put(FeatureKey(s.request_id(k), self.layer, step), r.detach())
             if fits and prev is not None:  # differences that do not fit only mean a lower order
                 d1 = (r.detach() - prev.tensor) / (step - c)
-                if s.store.put(self._slope_key(k, step), d1) and prev_d1 is not None:
-                    s.store.put(self._slope_key(k, step, 2), (d1 - prev_d1.tensor) / (step - prev_c))
+                if s.store.put(self._difference_key(k, step), d1) and prev_d1 is not None:
+                    s.store.put(self._difference_key(k, step, 2), (d1 - prev_d1.tensor) / (step - prev_c))
         warpable = (needed and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
                     and p.warp_threshold > 0 and self.layer not in p.no_warp_layers)
         state.sketch = sketch.detach() if fits else None
