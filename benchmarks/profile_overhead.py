@@ -25,10 +25,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--frames", type=int, default=None, help="default: the built-in model's own")
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_model("builtin")
-    req = Request("a red circle moving right fast", 3, args.steps)
+    shape = {k: v for k, v in (("frames", args.frames), ("height", args.height), ("width", args.width)) if v}
+    req = Request("a red circle moving right fast", 3, args.steps, **shape)
     warm_up(pipe, req)
     plain, recorded = [], []
     for _ in range(args.repeats):
@@ -40,7 +44,7 @@ def main() -> None:
         size = trace.save(Path(tmp) / "t.safetensors").stat().st_size
     print(f"recorded / plain wall time: {ratio:.3f} (median of {args.repeats}, {args.steps} steps, "
           f"plain {statistics.median(plain):.3f} s)")
-    print(f"trace size, 1 run, {args.steps} steps, {trace.shape[3]} blocks, 2 branches, "
+    print(f"trace size, 1 run, {args.steps} steps, {trace.shape[3]} blocks, 2 branches, {trace.meta['resolution']}, "
           f"{trace.meta['token_subset']} drift tokens, {trace.meta['sketch_tokens']} sketch tokens: "
           f"{size / 1e6:.2f} MB")
 

@@ -11,7 +11,7 @@ K sketch tokens, C channels):
     reuse_err    (R, Br, S, L, G)    f32  ||r_s - r_{s-g}|| / ||x_s + r_s|| on the token subset
     reuse_err1   (R, Br, S, L)       f32  the same for g = 1 on full tensors
     warp_err1    (R, Br, S, L)       f32  ||r_s - warp(r_{s-1})|| / ||x_s + r_s|| on full tensors (NaN where
-                                          not measured: first branch, every other step)
+                                          not measured: first branch, every third step)
     drift1_cos   (R, Br, S, L)       f32  full-tensor cosine drift to the previous step
     drift1_l2    (R, Br, S, L)       f32  full-tensor L2 drift to the previous step
     x_norm, r_norm (R, Br, S, L)     f32  full-tensor norms of block input and residual
