@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import warpcache_cli as wc
 from warpcache_cli.cli.app import app
+from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import Action
 from warpcache_cli.profile import calibration_configs, profile
@@ -63,6 +64,12 @@ def test_never_reuse_replays_as_full_compute(small_trace):
     assert (res.actions == Action.RECOMPUTE).all()
     assert np.allclose(res.speedup, r.plain_seconds / (r.plain_seconds + r.costs[0])) and (res.speedup <= 1.0).all()
     assert np.isinf(res.psnr).all() and (res.error == 0).all()
+
+
+def test_a_reuse_run_beyond_the_recorded_lags_is_refused(small_trace):
+    policy = wc.Config.default().with_policy(max_consecutive_reuse=small_trace.lags + 1).policy
+    with pytest.raises(WarpcacheError, match="beyond the"):
+        Replayer(small_trace).run(policy)
 
 
 def _save_cfg(tmp_path, cfg):

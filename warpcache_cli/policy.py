@@ -62,14 +62,24 @@ def choose(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, w: Arra
     """Reuse when the input barely moved, warp when it moved a little, recompute otherwise.
 
     `drift` is +inf where no usable cache exists; `reuse_run` is how many steps in a row the
-    block has already been served from cache, and `max_consecutive_reuse` bounds error
-    accumulation whatever the drift says. Works on scalars (the live hooks) and on arrays of
+    block has already been served from cache. Works on scalars (the live hooks) and on arrays of
     blocks (the offline replay) alike.
     """
+    return np.where(recomputes(cfg, step, drift, t, reuse_run), RECOMPUTE, served(drift, w))
+
+
+def recomputes(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, reuse_run: ArrayLike) -> np.ndarray:
+    """`choose`'s first half: whether the block runs. `max_consecutive_reuse` bounds error accumulation
+    whatever the drift says. Apart because only this half feeds back into later steps: the replay
+    calls it step by step and `served` once for the whole trajectory."""
     if step < cfg.warm_up_steps:
-        return np.full(np.shape(drift), RECOMPUTE, dtype=np.int8)
-    recompute = (drift > t) | (reuse_run >= cfg.max_consecutive_reuse)
-    return np.where(recompute, RECOMPUTE, np.where(drift <= w, REUSE, WARP))
+        return np.ones(np.shape(drift), dtype=bool)
+    return (drift > t) | (reuse_run >= cfg.max_consecutive_reuse)
+
+
+def served(drift: ArrayLike, w: ArrayLike) -> np.ndarray:
+    """`choose`'s second half: how a block that does not run is served, as it is or warped."""
+    return np.where(drift <= w, REUSE, WARP)
 
 
 def decide(

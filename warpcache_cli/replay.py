@@ -1,6 +1,6 @@
 """Offline replay: a trace through the policy, thousands of times a second.
 
-The policy's own `ceilings` and `choose` decide, on arrays of all runs, branches and
+The policy's own `ceilings` and `choose` (its two halves) decide, on arrays of all runs, branches and
 blocks at once, step by step. Drift comes from the trace's look-up table: the drift of
 step s's input against the input of the block's last computed step, exactly what the live
 hook would measure while the run is on the reference trajectory. Speed and quality are
@@ -18,7 +18,7 @@ import numpy as np
 
 from warpcache_cli.config import Config, PolicyConfig
 from warpcache_cli.errors import WarpcacheError
-from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, choose
+from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, recomputes, served
 from warpcache_cli.trace import Trace, drift_variant
 
 # PSNR falls 20 dB per decade of injected error: output error grows in proportion to it. Only the
@@ -117,45 +117,50 @@ class Replayer:
         All runs, branches and blocks advance together, one step at a time, so a replay costs a
         few dozen array operations per step whatever the model's size.
         """
+        if policy.max_consecutive_reuse > self.lags:
+            raise WarpcacheError(f"policy.max_consecutive_reuse = {policy.max_consecutive_reuse} is beyond the "
+                                 f"{self.lags} steps of drift the trace recorded")
         table = self.drift_table(policy)[:, runs]
         _, r, br, lyr, width = table.shape
-        flat = table.reshape(self.steps, r * br * lyr, width)
-        rows = np.arange(r * br * lyr)
+        n = r * br * lyr
+        flat = table.reshape(self.steps, n * width)
+        base = np.arange(n) * width + 1  # row starts in a step's flattened table, plus one: lag = run + 1
         t_all, w_all = ceilings(policy, self.motion[runs, :, None, None], self.position[runs, :, None, None],
                                 self.layers)  # (R, S, 1, L)
         t_all = np.broadcast_to(np.moveaxis(t_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
         w_all = np.broadcast_to(np.moveaxis(w_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
-        last = np.full(r * br * lyr, -(10**6))
-        prev = last.copy()
-        run_len = np.zeros(r * br * lyr, dtype=np.int64)
-        actions = np.empty((self.steps, r * br * lyr), dtype=np.int8)
-        seen = np.empty((self.steps, r * br * lyr))
-        lags = np.empty((self.steps, r * br * lyr), dtype=np.int64)
-        prevs = np.empty((self.steps, r * br * lyr), dtype=np.int64)  # the computation before the last
-        pprev = prev.copy()
-        pprevs = np.empty_like(prevs)  # and the one before that
-        for s in range(self.steps):
-            lag = np.minimum(s - last, width - 1)
-            d = flat[s, rows, lag]
-            a = choose(policy, s, d, t_all[s], w_all[s], run_len)
-            recompute = a == RECOMPUTE
-            actions[s], seen[s], lags[s] = a, d, lag
-            prevs[s], pprevs[s] = prev, pprev
-            pprev[recompute] = prev[recompute]
-            prev[recompute] = last[recompute]
-            last[recompute] = s
-            run_len += 1
-            run_len[recompute] = 0
+        # reuses in a row since the last computation; the lag to it is one more. The run starts at the
+        # table's "no cache" column (+inf drift), and `max_consecutive_reuse <= lags` keeps it below
+        run = np.full(n, width - 2)
+        computed = np.empty((self.steps, n), dtype=bool)
+        seen = np.empty((self.steps, n))
+        for s in range(self.steps):  # only whether a block runs feeds back into later steps
+            d = flat[s].take(base + run)
+            rec = recomputes(policy, s, d, t_all[s], run)
+            computed[s], seen[s] = rec, d
+            run = np.where(rec, 0, run + 1)
+        actions = np.where(computed, RECOMPUTE, served(seen, w_all))
+        # the last three computations before each step: c = s - lag, p before c, q before p (-1: none)
+        step = np.arange(self.steps)[:, None]
+        last = np.maximum.accumulate(np.where(computed, step, -1), axis=0)  # at or before s
+        before = np.vstack([np.full((1, n), -1), last[:-1]])  # strictly before s
+
+        def earlier(at: np.ndarray) -> np.ndarray:
+            return np.where(at > 0, np.take_along_axis(before, np.maximum(at, 0), axis=0), -1)
+
+        lags = step - before  # for reused steps, where `before` is their last computation
+        c = before
+        p = earlier(c)
+        q = earlier(p)
+        gaps = np.where(p >= 0, c - p, 0)
+        gaps2 = np.where(q >= 0, p - q, 0)
         shape = (self.steps, r, br, lyr)
-        computed = actions == RECOMPUTE
-        gaps = np.where(prevs >= 0, np.arange(self.steps)[:, None] - lags - prevs, 0)
-        gaps2 = np.where(pprevs >= 0, prevs - pprevs, 0)
 
         def back(x: np.ndarray) -> np.ndarray:
-            return x.reshape(shape).transpose(1, 2, 0, 3)
+            return np.where(computed, 0, x).reshape(shape).transpose(1, 2, 0, 3)
 
-        return (back(actions), back(seen), back(np.where(computed, 0, lags)), back(np.where(computed, 0, gaps)),
-                back(np.where(computed, 0, gaps2)))
+        return (actions.reshape(shape).transpose(1, 2, 0, 3), seen.reshape(shape).transpose(1, 2, 0, 3),
+                back(lags), back(gaps), back(gaps2))
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
         actions, seen, lags, gaps, gaps2 = self.decisions(policy, runs)
@@ -198,27 +203,33 @@ class Replayer:
                                  "re-profile with this version of warpcache")
         dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
         r, br, steps, lyr, span = dots.shape
+        flat = dots.reshape(-1)
         ri, bi, si, li = np.ogrid[:r, :br, :steps, :lyr]
+        rows = (ri * br + bi) * steps  # flat indices into dots: one take each, not a four-array gather
+
+        def at(step: np.ndarray) -> np.ndarray:  # where <r_step, r_step> sits
+            return ((rows + step) * lyr + li) * span
+
+        def dot(start: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
+            return flat.take(start + np.minimum(dist, span - 1))
+
         c = np.clip(si - lags, 0, None)
         p = np.clip(c - gaps, 0, None)
         g = np.maximum(gaps, 1)
         big_a = np.where(gaps > 0, weight * lags / g, 0.0)
         wc, wp = 1.0 + big_a, -big_a
-
-        def dot(step: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
-            return dots[ri, bi, step, li, np.minimum(dist, span - 1)]
-
-        norms = dots[..., 0]  # <r_i, r_i>
+        s_at, c_at, p_at = at(si), at(c), at(p)
         if curvature:  # r_q's weight and terms; without curvature they are 0
             q, h = np.clip(p - gaps2, 0, None), np.maximum(gaps2, 1)
             big_b = np.where((gaps > 0) & (gaps2 > 0) & (lags + gaps + gaps2 < span),
                              curvature * lags * (lags + gaps) / (g + h), 0.0)
             wc, wp, wq = wc + big_b / g, wp - big_b / g - big_b / h, big_b / h
-        sq = (norms + wc * wc * norms[ri, bi, c, li] + wp * wp * norms[ri, bi, p, li]
-              - 2 * wc * dot(si, lags) - 2 * wp * dot(si, lags + gaps) + 2 * wc * wp * dot(c, gaps))
+        sq = (flat.take(s_at) + wc * wc * flat.take(c_at) + wp * wp * flat.take(p_at)
+              - 2 * wc * dot(s_at, lags) - 2 * wp * dot(s_at, lags + gaps) + 2 * wc * wp * dot(c_at, gaps))
         if curvature:
-            sq += (wq * wq * norms[ri, bi, q, li] - 2 * wq * dot(si, lags + gaps + gaps2)
-                   + 2 * wc * wq * dot(c, gaps + gaps2) + 2 * wp * wq * dot(p, gaps2))
+            q_at = at(q)
+            sq += (wq * wq * flat.take(q_at) - 2 * wq * dot(s_at, lags + gaps + gaps2)
+                   + 2 * wc * wq * dot(c_at, gaps + gaps2) + 2 * wp * wq * dot(p_at, gaps2))
         return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))
 
     def _calibrate(self) -> QualityModel | None:
