@@ -117,9 +117,7 @@ class Replayer:
         All runs, branches and blocks advance together, one step at a time, so a replay costs a
         few dozen array operations per step whatever the model's size.
         """
-        if policy.max_consecutive_reuse > self.lags:
-            raise WarpcacheError(f"policy.max_consecutive_reuse = {policy.max_consecutive_reuse} is beyond the "
-                                 f"{self.lags} steps of drift the trace recorded")
+        check_reach(policy, self.lags)  # a longer run would read past its row of the drift table
         table = self.drift_table(policy)[:, runs]
         _, r, br, lyr, width = table.shape
         n = r * br * lyr
@@ -148,8 +146,8 @@ class Replayer:
         def earlier(at: np.ndarray) -> np.ndarray:
             return np.where(at > 0, np.take_along_axis(before, np.maximum(at, 0), axis=0), -1)
 
-        lags = step - before  # for reused steps, where `before` is their last computation
-        c = before
+        c = before  # for reused steps, their last computation
+        lags = step - c
         p = earlier(c)
         q = earlier(p)
         gaps = np.where(p >= 0, c - p, 0)
@@ -331,9 +329,15 @@ def check_compatible(trace: Trace, config: Config) -> None:
             f"config measures drift on {p.token_subset} tokens (seed {p.token_seed}) but the trace recorded "
             f"{k} tokens (seed {seed}); set policy.token_subset/token_seed to match or re-profile with --tokens"
         )
-    if p.max_consecutive_reuse > trace.lags:
+    check_reach(p, trace.lags)
+
+
+def check_reach(policy: PolicyConfig, lags: int) -> None:
+    """A reuse run longer than the recorded lags needs drift the trace does not hold."""
+    if policy.max_consecutive_reuse > lags:
         raise WarpcacheError(
-            f"policy.max_consecutive_reuse = {p.max_consecutive_reuse} needs drift {p.max_consecutive_reuse} "
-            f"steps back, the trace recorded {trace.lags}; re-profile with --lags {p.max_consecutive_reuse}"
+            f"policy.max_consecutive_reuse = {policy.max_consecutive_reuse} needs drift "
+            f"{policy.max_consecutive_reuse} steps back, the trace recorded {lags}; "
+            f"re-profile with --lags {policy.max_consecutive_reuse}"
         )
 
