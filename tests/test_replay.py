@@ -109,6 +109,13 @@ def test_config_for_another_model_is_refused(small_trace, tmp_path):
     assert res.exit_code == 2 and "some/other-model" in res.stderr and "builtin" in res.stderr
 
 
+def test_config_reusing_beyond_the_recorded_lags_exits_2(small_trace, tmp_path):
+    cfg = _config(small_trace, 1).with_policy(max_consecutive_reuse=small_trace.lags + 1)
+    res = runner.invoke(app, ["replay", str(small_trace.path), "--config", _save_cfg(tmp_path, cfg)])
+    assert res.exit_code == 2 and f"--lags {small_trace.lags + 1}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(("weight", "curvature"), [(1.0, 0.0), (0.4, 0.0), (0.8, 0.5)])
 def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weight, curvature):
     # sketches as wide as the drift subset hold every residual the Gram table was built from
