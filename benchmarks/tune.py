@@ -44,6 +44,11 @@ def main() -> None:
     result = tune(traces, Budget(min_psnr=args.min_psnr), trials=args.trials, seed=0, pipe=pipe,
                   validation=validation)
     print(result.message)
+    print(f"{'trial':>6} {'est speedup':>11} {'est min PSNR':>12} {'measured speedup':>16} {'measured min PSNR':>17}")
+    for c in result.candidates:
+        mark = "  <- chosen" if c is result.chosen else ""
+        print(f"{c.trial:>6} {c.est_speedup:>10.2f}x {c.est_psnr:>12.2f} {c.measured_speedup:>15.2f}x "
+              f"{c.measured_psnr:>17.2f}{mark}")
     configs = {name: wc.Config.preset(name) for name in ("quality", "balanced", "fast")}
     if result.chosen is not None:
         configs["tuned"] = result.chosen.config

@@ -17,7 +17,8 @@ import warpcache_cli as wc
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli.app import app
 from warpcache_cli.replay import replay
-from warpcache_cli.tune import tune
+from warpcache_cli.models import Request
+from warpcache_cli.tune import Tuner, tune
 
 runner = CliRunner()
 
@@ -35,6 +36,30 @@ def test_same_seed_same_search(small_trace):
     a = tune([small_trace], Budget(min_psnr=28.0), trials=30, seed=3).chosen
     b = tune([small_trace], Budget(min_psnr=28.0), trials=30, seed=3).chosen
     assert a.config == b.config
+
+
+def test_candidates_near_the_budget_are_kept_only_for_measuring(small_trace):
+    budget = Budget(min_psnr=32.0)
+    tuner = Tuner([small_trace], budget)
+    study = tuner.search(120, seed=0)
+    sure = tuner.candidates(study, 8)
+    assert sure and all(c.est_psnr >= 32.0 for c in sure)
+    wide = tuner.candidates(study, 8, band_db=3.0)
+    near = [c for c in wide if c.est_psnr < 32.0]
+    assert near, "no trial landed in the 29-32 dB band: the test's premise is gone"
+    assert all(c.est_psnr >= 29.0 and c.est_speedup > sure[0].est_speedup for c in near)
+    assert len(wide) <= 8 and sure[0].trial in {c.trial for c in wide}
+    assert len({(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in near}) == len(near)
+    assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)
+
+
+def test_validation_measures_every_candidate_and_keeps_the_fastest_within_budget(small_trace, builtin):
+    reqs = [Request("a red circle moving right fast", 77, small_trace.meta["steps"])]
+    result = tune([small_trace], Budget(min_psnr=30.0), trials=60, seed=0, pipe=builtin, validation=reqs, top_k=4)
+    assert result.validated and len(result.candidates) > 1
+    assert all(len(c.measured) == 1 and c.measured[0]["seed"] == 77 for c in result.candidates)
+    ok = [c for c in result.candidates if c.measured_psnr >= 30.0]
+    assert result.chosen is (max(ok, key=lambda c: c.measured_speedup) if ok else None)
 
 
 def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):

@@ -18,7 +18,7 @@ from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
 from warpcache_cli.models import load_model
 from warpcache_cli.trace import Trace
-from warpcache_cli.tune import TuneResult, redact, tune, validation_requests
+from warpcache_cli.tune import BAND_DB, TuneResult, redact, tune, validation_requests
 
 CONFIG_NAME = "warpcache-config.json"
 SENSITIVITY_NAME = "warpcache-sensitivity.json"
@@ -56,7 +56,9 @@ def tune_command(
     model: Annotated[str | None, typer.Option(help="model to validate on (default: the trace's)")] = None,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 8,
+    band: Annotated[float, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
+                                        "below --min-psnr (the estimate errs by a few dB)")] = BAND_DB,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="folder for the config, sensitivity profile and report")] = Path("."),
@@ -101,6 +103,7 @@ def tune_command(
             pipe=pipe,
             validation=requests,
             top_k=top_k,
+            band_db=band,
             on_trial=lambda n: bar.update(search, completed=n),
             on_validate=on_validate,
         )
