@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 import warpcache_cli as wc
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli.app import app
-from warpcache_cli.replay import replay
 from warpcache_cli.models import Request
+from warpcache_cli.replay import replay
 from warpcache_cli.tune import Tuner, tune
 
 runner = CliRunner()
