@@ -67,7 +67,9 @@ class SearchSpace:
     def __init__(self, traces: list[Trace], base: Config) -> None:
         self.base = base
         self.lags = min(t.lags for t in traces)
-        self.steps = min(t.shape[2] for t in traces)
+        steps = min(t.shape[2] for t in traces)
+        # a third of the steps, but at least the enqueued schedules' warm-ups where the run is long enough
+        self.max_warm_up = max(1, min(steps - 1, max(6, steps // 3)))
         self.quantiles = {}
         for v in range(len(DRIFT_VARIANTS)):
             values = np.concatenate([t.arrays["drift"][:, :, 1:, :, 0, v].ravel() for t in traces])
@@ -102,7 +104,7 @@ class SearchSpace:
             min_threshold=base * trial.suggest_float("min_frac", 0.0, 1.0),
             warp_threshold=base * warp_frac if warp_frac >= 0.05 else 0.0,
             motion_scale=trial.suggest_float("motion_scale", 0.0, 8.0),
-            warm_up_steps=trial.suggest_int("warm_up_steps", 0, max(1, self.steps // 3)),
+            warm_up_steps=trial.suggest_int("warm_up_steps", 0, self.max_warm_up),
             max_consecutive_reuse=trial.suggest_int("max_consecutive_reuse", 1, self.lags),
             forecast=trial.suggest_float("forecast", 0.0, 1.0) if self.forecast else 0.0,
             forecast_curvature=trial.suggest_float("forecast_curvature", 0.0, 1.0) if self.forecast else 0.0,
@@ -123,7 +125,7 @@ class SearchSpace:
         out = []
         for interval, warm, (forecast, curvature) in itertools.product(
                 (2, 3, 4, 5, 6), (1, 2, 3, 4, 6), ((1.0, 0.5), (1.0, 0.0), (0.0, 0.0))):
-            if warm >= self.steps or interval - 1 > self.lags:
+            if warm > self.max_warm_up or interval - 1 > self.lags:  # outside the search space
                 continue
             params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,
                       "phase_early": 1.0, "phase_late_share": 0.0, "sensitivity_strength": 0.0, "min_frac": 1.0,
@@ -147,7 +149,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0]
