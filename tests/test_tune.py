@@ -47,7 +47,8 @@ def test_candidates_near_the_budget_are_kept_only_for_measuring(small_trace):
     wide = tuner.candidates(study, 8, band_db=3.0)
     near = [c for c in wide if c.est_psnr < 32.0]
     assert near, "no trial landed in the 29-32 dB band: the test's premise is gone"
-    assert all(c.est_psnr >= 29.0 and c.est_speedup > sure[0].est_speedup for c in near)
+    assert all(c.est_psnr >= 29.0 and c.est_speedup > sure[0].est_speedup and c.below_estimate for c in near)
+    assert not any(c.below_estimate for c in wide if c.est_psnr >= 32.0)
     assert len(wide) <= 8 and sure[0].trial in {c.trial for c in wide}
     assert len({(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in near}) == len(near)
     assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)

@@ -14,7 +14,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class Candidate:
     est_psnr: float
     est_drift: float
     measured: list[dict[str, float]] = field(default_factory=list)
+    below_estimate: bool = False  # admitted for measuring although its estimate misses the budget
 
     @property
     def measured_speedup(self) -> float:
@@ -57,7 +58,8 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trial": self.trial, "est_speedup": self.est_speedup, "est_psnr": self.est_psnr,
-                "est_drift": self.est_drift, "measured_speedup": self.measured_speedup,
+                "est_drift": self.est_drift, "estimate_meets_budget": not self.below_estimate,
+                "measured_speedup": self.measured_speedup,
                 "measured_min_psnr": self.measured_psnr, "measured": self.measured}
 
 
@@ -288,7 +290,7 @@ class Tuner:
         """Up to k configs for validation, fastest first: the fastest the estimate says meets the budget, then
         ones trading speed for at least `margin_db` more PSNR headroom each, and the fastest fixed schedule.
 
-        With `band_db` > 0 (a model will measure them), half the places go to the fastest configs whose
+        With `band_db` > 0 (a model will measure them), at least half the places go to the fastest configs whose
         estimated PSNR falls short of the budget by less than `band_db`, schedules first: the estimate errs by
         a few dB on unseen seeds, most on schedules (it reads forecast error off the recorded trajectory,
         which live runs leave after their first reuse), so the fastest config that truly meets the budget is
@@ -320,7 +322,7 @@ class Tuner:
                     seen.add(_outcome(t))
                     picked.append(t)
         picked.sort(key=lambda t: -t.user_attrs["est_speedup"])
-        return [self._candidate(t) for t in picked[:k]]
+        return [replace(self._candidate(t), below_estimate=t.user_attrs["constraint"] > 0.0) for t in picked[:k]]
 
 
 def _outcome(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
