@@ -43,6 +43,21 @@ def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
     assert len(live) == actions.size
 
 
+@pytest.mark.parametrize("threshold", [1e-12, 2.0])  # always over the drift: measured, then run; a schedule
+def test_replay_counts_the_drift_measurements_the_live_hooks_make(builtin, small_trace, threshold):
+    cfg = wc.Config.default().with_policy(base_threshold=threshold, min_threshold=threshold, warp_threshold=0.0,
+                                          warm_up_steps=2, max_consecutive_reuse=2,
+                                          token_subset=small_trace.meta["token_subset"])
+    session = wc.apply(builtin, cfg)
+    generate(builtin, Request(PROMPTS[0], 0, STEPS))
+    wc.remove(builtin)
+    live = sum(d.action == Action.RECOMPUTE and np.isfinite(d.drift) for d in session.stats.decisions)
+    r = Replayer(small_trace)
+    counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1))[0])
+    assert counts[0, 4] == live
+    assert (live > 0) == (threshold < 1.0)
+
+
 def test_replay_estimates_order_configs_like_the_calibration(small_trace):
     r = Replayer(small_trace)
     assert r.quality is not None and r.quality.b < 0  # more injected error, lower PSNR

@@ -486,19 +486,28 @@ def _warp_timing(x: torch.Tensor | None, grid: Grid, repeats: int = 20) -> dict[
 
 
 def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
-    """Configs from mild to aggressive, with thresholds at quantiles of the recorded lag-1 drift."""
+    """Configs from mild to aggressive, with thresholds at quantiles of the recorded lag-1 drift, and every
+    third a fixed schedule (the threshold above all recorded drift), the shape tuned configs often take.
+
+    The schedules are what lets the speed fit tell a drift measurement from a reuse: in drift-driven
+    runs nearly every call after warm-up is measured, whether it reuses or not.
+    """
     d = trace.arrays["drift"][0, :, 1:, :, 0, DRIFT_VARIANTS.index(("cosine", 1.0))]
     quantiles = np.linspace(0.3, 0.97, n)
     out = []
     for i, q in enumerate(quantiles):
-        t = float(max(np.nanquantile(d, q), 1e-6))
+        if i % 3 == 2:  # every 3rd, 4th, ... step, first-order forecast, then second-order
+            k = i // 3
+            t, warp, forecast, curvature, reuse = float(np.nanmax(d)), 0.0, 1.0, 0.5 * (k % 2), 2 + k
+        else:  # the quality model sees plain, warped and extrapolated reuse, first and second order
+            t, warped = float(max(np.nanquantile(d, q), 1e-6)), i % 2 == 1
+            warp, forecast, reuse = t / 2 if warped else 0.0, 0.0 if warped else 1.0, 2 + i
+            curvature = 0.5 if i % 4 == 0 and i else 0.0
         out.append(base.with_policy(
             drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
-            warp_threshold=t / 2 if i % 2 else 0.0,  # 0: no warping
-            # the quality model sees plain, warped and extrapolated reuse, first and second order
-            forecast=0.0 if i % 2 else 1.0, forecast_curvature=0.5 if i % 4 == 2 else 0.0,
+            warp_threshold=warp, forecast=forecast, forecast_curvature=curvature,  # warp 0: no warping
             motion_scale=0.0, phase_multipliers=(1.0, 1.0),
-            warm_up_steps=2, max_consecutive_reuse=min(trace.lags, 2 + i),
+            warm_up_steps=2, max_consecutive_reuse=min(trace.lags, reuse),
         ))
     return out
 
