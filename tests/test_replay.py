@@ -72,6 +72,15 @@ def test_replay_estimates_order_configs_like_the_calibration(small_trace):
     assert speed == sorted(speed) and speed[-1] > 1.0
 
 
+def test_quality_model_keeps_how_far_each_calibration_run_fell_from_its_estimate(small_trace):
+    r = Replayer(small_trace)
+    cal = small_trace.meta["calibration"]
+    gaps = [ps - float(r.run(wc.Config.from_dict(c).policy, slice(run, run + 1)).psnr[0])
+            for c, run, ps in zip(cal["configs"], cal["runs"], cal["psnr"]) if ps is not None]
+    assert np.allclose(sorted(r.quality.residuals), sorted(g for g in gaps if np.isfinite(g)))
+    assert abs(np.median(r.quality.residuals)) < 1e-9  # the intercept is their median
+
+
 def test_never_reuse_replays_as_full_compute(small_trace):
     r = Replayer(small_trace)
     res = r.run(wc.Config.default().with_policy(warm_up_steps=1000).policy)

@@ -26,7 +26,7 @@ from warpcache_cli.trace import Trace, drift_variant
 # -16 and extrapolates badly. Without calibration runs (auto-profiling) the intercept is this one:
 # the median over the built-in model's 18 calibration runs in sample_traces/ (3 prompts x 6 configs).
 PSNR_SLOPE = -20.0
-PRIOR_PSNR_INTERCEPT = -1.7
+PRIOR_PSNR_INTERCEPT = -3.4
 # what caching itself costs beyond the blocks it runs, each paid per one of these. A block whose drift is
 # measured and which then runs anyway pays for the measurement on top of the block: on the built-in model
 # about 0.45 ms against 0.3 ms for a reuse, so without this term configs that measure often (drift-driven)
@@ -44,6 +44,7 @@ class QualityModel:
     c: float
     d: float
     points: int
+    residuals: tuple[float, ...] = ()  # measured - estimated PSNR of the calibration runs: the estimate's scatter
 
     def psnr(self, error: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore"):
@@ -255,7 +256,7 @@ class Replayer:
         # is insensitive comes out 15-20 dB above the line), which would pull a mean up
         a, b = float(np.median(psnr[ok] - PSNR_SLOPE * x)), PSNR_SLOPE
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
-        return QualityModel(a, b, c, d, int(ok.sum()))
+        return QualityModel(a, b, c, d, int(ok.sum()), tuple(float(v) for v in psnr[ok] - (a + b * x)))
 
     def cost_counts(self, policy: PolicyConfig, actions: np.ndarray) -> np.ndarray:
         """(R, len(COST_TERMS)): how often each cost the hooks add beyond the blocks they run is paid.

@@ -18,7 +18,7 @@ from warpcache_cli.cli.profile_cmd import parse_seeds
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
 from warpcache_cli.models import load_model
 from warpcache_cli.trace import Trace
-from warpcache_cli.tune import BAND_DB, TuneResult, redact, tune, validation_requests
+from warpcache_cli.tune import TuneResult, redact, tune, validation_requests
 
 CONFIG_NAME = "warpcache-config.json"
 SENSITIVITY_NAME = "warpcache-sensitivity.json"
@@ -36,6 +36,7 @@ def _report(result: TuneResult, budget: Budget, storage: str | None, outputs: di
         "storage": redact(storage) if storage else "memory",
         "study_name": result.study.study_name,
         "chosen": result.chosen.to_dict() if result.chosen else None,
+        "band_db": result.band_db,
         "candidates": [c.to_dict() for c in result.candidates],
         "pareto": result.pareto() if len(result.study.directions) == 2 else None,
         "outputs": outputs,
@@ -57,8 +58,9 @@ def tune_command(
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 8,
-    band: Annotated[float, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
-                                        "below --min-psnr (the estimate errs by a few dB)")] = BAND_DB,
+    band: Annotated[float | None, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
+                                               "below --min-psnr (default: from the calibration runs' "
+                                               "scatter around the estimate)")] = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="folder for the config, sensitivity profile and report")] = Path("."),
