@@ -54,12 +54,17 @@ def test_candidates_near_the_budget_are_kept_only_for_measuring(small_trace):
     assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)
 
 
-def test_validation_measures_every_candidate_and_keeps_the_fastest_within_budget(small_trace, builtin):
-    reqs = [Request("a red circle moving right fast", 77, small_trace.meta["steps"])]
-    result = tune([small_trace], Budget(min_psnr=30.0), trials=60, seed=0, pipe=builtin, validation=reqs, top_k=4)
+def test_validation_drops_a_candidate_at_its_first_miss_and_keeps_the_fastest_within_budget(small_trace, builtin):
+    seeds = [77, 78, 79]
+    reqs = [Request("a red circle moving right fast", seed, small_trace.meta["steps"]) for seed in seeds]
+    result = tune([small_trace], Budget(min_psnr=32.0), trials=60, seed=0, pipe=builtin, validation=reqs, top_k=6)
     assert result.validated and len(result.candidates) > 1
-    assert all(len(c.measured) == 1 and c.measured[0]["seed"] == 77 for c in result.candidates)
-    ok = [c for c in result.candidates if c.measured_psnr >= 30.0]
+    for c in result.candidates:
+        psnr = [m["psnr"] for m in c.measured]
+        assert [m["seed"] for m in c.measured] == seeds[: len(psnr)]
+        assert all(p >= 32.0 for p in psnr[:-1])  # each further request only after meeting the budget on all before
+    assert any(len(c.measured) < len(seeds) for c in result.candidates), "no candidate was dropped early"
+    ok = [c for c in result.candidates if len(c.measured) == len(seeds) and c.measured_psnr >= 32.0]
     assert result.chosen is (max(ok, key=lambda c: c.measured_speedup) if ok else None)
 
 

@@ -57,7 +57,7 @@ def tune_command(
     model: Annotated[str | None, typer.Option(help="model to validate on (default: the trace's)")] = None,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 8,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 12,
     band: Annotated[float | None, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
                                                "below --min-psnr (default: from the calibration runs' "
                                                "scatter around the estimate)")] = None,
