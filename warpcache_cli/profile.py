@@ -368,7 +368,7 @@ def profile(
     sketch_tokens: int = DEFAULT_SKETCH_TOKENS,
     lags: int = DEFAULT_LAGS,
     dtype: str = "float32",
-    calibrate: int = 4,
+    calibrate: int = 6,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Trace:
     """Run each request at full compute and record a trace; `tokens` is the drift subset size.

@@ -304,7 +304,8 @@ class Tuner:
         estimated PSNR falls short of the budget by less than `band_db`, schedules first: the estimate errs by
         a few dB on unseen seeds, most on schedules (it reads forecast error off the recorded trajectory,
         which live runs leave after their first reuse), so the fastest config that truly meets the budget is
-        often just outside the estimate's feasible set, and only a measurement can say.
+        often just outside the estimate's feasible set, and only a measurement can say. Places still free
+        then go to the next fastest feasible configs.
         """
         done = self._skipping(study)
         done.sort(key=lambda t: (-t.user_attrs["est_speedup"], -t.user_attrs["est_psnr"]))
@@ -319,18 +320,20 @@ class Tuner:
                 picked.append(t)
         if schedule is not None and schedule not in picked:
             picked.append(schedule)
+        near: list[optuna.trial.FrozenTrial] = []
         if band_db > 0:
             floor = max((t.user_attrs["est_speedup"] for t in picked), default=1.0)
             near = [t for t in done if t.user_attrs["constraint"] > 0.0 and t.user_attrs["est_speedup"] > floor
                     and self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0]
             near.sort(key=lambda t: not t.user_attrs.get("schedule"))  # stable: schedules first, each fastest first
-            seen = {_outcome(t) for t in picked}
-            for t in near:
-                if len(picked) >= k:
-                    break
-                if _outcome(t) not in seen:  # trials that decide alike estimate alike: one of them is enough
-                    seen.add(_outcome(t))
-                    picked.append(t)
+        seen = {_outcome(t) for t in picked}
+        # places left over go to the next fastest feasible configs the headroom rule passed by
+        for t in near + (feasible if band_db > 0 else []):
+            if len(picked) >= k:
+                break
+            if _outcome(t) not in seen:  # trials that decide alike estimate alike: one of them is enough
+                seen.add(_outcome(t))
+                picked.append(t)
         picked.sort(key=lambda t: -t.user_attrs["est_speedup"])
         return [replace(self._candidate(t), below_estimate=t.user_attrs["constraint"] > 0.0) for t in picked[:k]]
 

@@ -52,7 +52,7 @@ def profile_command(
         int, typer.Option(min=0, help="tokens kept as float16 sketches (0: none)")
     ] = DEFAULT_SKETCH_TOKENS,
     lags: Annotated[int, typer.Option(min=1, max=64, help="look-back steps recorded for drift")] = DEFAULT_LAGS,
-    calibrate: Annotated[int, typer.Option(min=0, help="live cached runs that calibrate the quality estimate")] = 4,
+    calibrate: Annotated[int, typer.Option(min=0, help="live cached runs that calibrate the estimates")] = 6,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     out: Annotated[Path, typer.Option(help="trace file to write")] = Path("trace.safetensors"),
