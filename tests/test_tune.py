@@ -159,7 +159,8 @@ def test_study_with_another_search_space_is_refused(small_trace, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [(["--objective", "fastest"], "--objective"),
-                                          (["--min-psnr", "0"], "--min-psnr")])
+                                          (["--min-psnr", "0"], "--min-psnr"),
+                                          (["--band", "-1"], "--band")])
 def test_bad_arguments_exit_2(small_trace, tmp_path, args, message):
     res = runner.invoke(app, ["tune", str(small_trace.path), "--no-validate", "--out", str(tmp_path), *args])
     assert res.exit_code == 2 and message in res.stderr

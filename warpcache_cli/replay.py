@@ -145,8 +145,7 @@ class Replayer:
         actions = np.where(computed, RECOMPUTE, served(seen, w_all))
         # the last three computations before each step: c = s - lag, p before c, q before p (-1: none)
         step = np.arange(self.steps)[:, None]
-        last = np.maximum.accumulate(np.where(computed, step, -1), axis=0)  # at or before s
-        before = np.vstack([np.full((1, n), -1), last[:-1]])  # strictly before s
+        before = previous_computation(computed, axis=0)
 
         def earlier(at: np.ndarray) -> np.ndarray:
             return np.where(at > 0, np.take_along_axis(before, np.maximum(at, 0), axis=0), -1)
@@ -273,9 +272,8 @@ class Replayer:
         # the hook measures drift unless the recompute is forced: in warm-up, with no cache, or after
         # max_consecutive_reuse reuses in a row (more than that many steps since the last computation)
         step = np.arange(self.steps)[:, None]
-        last = np.maximum.accumulate(np.where(computed, step, -1), axis=2)
-        since = step - np.concatenate([np.full_like(last[:, :, :1], -1), last[:, :, :-1]], axis=2)
-        measured = computed & (since <= policy.max_consecutive_reuse) & (since <= step)
+        before = previous_computation(computed, axis=2)
+        measured = computed & (before >= 0) & (step - before <= policy.max_consecutive_reuse)
         measured[:, :, : policy.warm_up_steps] = False
         return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
                          (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),
@@ -302,6 +300,16 @@ class Replayer:
                 break
             active.pop(int(np.argmin(sol)))
         return coef
+
+
+def previous_computation(computed: np.ndarray, axis: int) -> np.ndarray:
+    """For each step along `axis`, the last step strictly before it at which the block was computed (-1: none)."""
+    shape = [1] * computed.ndim
+    shape[axis] = computed.shape[axis]
+    step = np.arange(computed.shape[axis]).reshape(shape)
+    last = np.maximum.accumulate(np.where(computed, step, -1), axis=axis)  # at or before each step
+    none = np.full_like(np.take(last, [0], axis=axis), -1)
+    return np.concatenate([none, np.delete(last, -1, axis=axis)], axis=axis)
 
 
 @dataclass
