@@ -7,14 +7,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 from tiny import ARCHITECTURES, TinyPipeline
 from typer.testing import CliRunner
 
+import warpcache_cli as wc
 from warpcache_cli.cli.app import app
 from warpcache_cli.models import Request, generate
+from warpcache_cli.policy import drift
 from warpcache_cli.profile import profile
-from warpcache_cli.trace import Trace
+from warpcache_cli.trace import DRIFT_VARIANTS, Trace
 
 runner = CliRunner()
 
@@ -39,6 +42,53 @@ def test_trace_round_trip_and_reference_is_the_uncached_output(builtin, trace):
     assert np.isnan(drift[:, :, 2, :, 2:]).all()  # lag 3 does not exist at step 2
     assert (trace.arrays["block_seconds"] > 0).all()
     assert (trace.arrays["position"][:, -1] == 1.0).all()
+
+
+class _Capture:
+    """An observer keeping every block call's input and residual, to check the recorder's tables against."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, int, int], tuple] = {}
+
+    def on_block(self, session, layer, x, residual, seconds, decision) -> None:
+        self.calls[(session.branch, session.step.step, layer)] = (x.clone(), residual.clone())
+
+
+def test_recorded_tables_are_the_policy_arithmetic_on_the_block_tensors(builtin, trace):
+    """Drift at every lag, reuse errors, the Gram table and the full-tensor scalars, recomputed directly."""
+    req = Request("a red circle moving right fast", 0, 6)
+    cap = _Capture()
+    wc.apply(builtin, wc.Config.default().with_policy(warm_up_steps=1000), observer=cap)
+    generate(builtin, req)
+    wc.remove(builtin)
+    a, idx = trace.arrays, torch.as_tensor(trace.arrays["token_subset"])
+    checked = 0
+    for (branch, s, layer), (x, r) in cap.calls.items():
+        b = trace.meta["branches"].index(branch)
+        xs, rs = x[:, idx], r[:, idx]
+        out_sq = float((xs + rs).double().square().sum())
+        assert a["out_sq"][0, b, s, layer] == pytest.approx(out_sq, rel=1e-4)
+        assert a["x_norm"][0, b, s, layer] == pytest.approx(float(x.norm()), rel=1e-4)
+        for lag in range(1, min(s, trace.lags) + 1):
+            px, pr = cap.calls[(branch, s - lag, layer)]
+            for m, (metric, power) in enumerate(DRIFT_VARIANTS):
+                want = float(drift(xs, px[:, idx], metric, power).max())
+                got = a["drift"][0, b, s, layer, lag - 1, m]
+                if lag == 1:
+                    assert got == np.float32(want)  # what the live policy measures, bit for bit
+                else:
+                    assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
+            err = float((rs - pr[:, idx]).norm() / (xs + rs).norm())
+            assert a["reuse_err"][0, b, s, layer, lag - 1] == pytest.approx(err, rel=1e-3)
+            dot = float((rs.double() * pr[:, idx].double()).sum())
+            assert a["res_dot"][0, b, s, layer, lag] == pytest.approx(dot, rel=1e-4, abs=1e-3)
+            checked += 1
+        if s:
+            px, pr = cap.calls[(branch, s - 1, layer)]
+            assert a["drift1_l2"][0, b, s, layer] == pytest.approx(float((x - px).norm() / px.norm()), rel=1e-3)
+            assert a["reuse_err1"][0, b, s, layer] == pytest.approx(float((r - pr).norm() / (x + r).norm()),
+                                                                     rel=1e-3)
+    assert checked == 2 * 6 * sum(min(s, trace.lags) for s in range(6))
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

@@ -111,40 +111,35 @@ def drift(x: torch.Tensor, x_cached: torch.Tensor, metric: str = "cosine", power
     """Per-sample drift of `x` against the cached input, both (B, K, C) token sketches.
 
     cosine: saliency-weighted `sum_i w_i (1 - cos(x_i, c_i)) / sum_i w_i`, `w_i = ||c_i||^power`,
-    so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`. The live hooks call
-    this once per block and step, so it is the few operations one variant needs.
+    so tokens that carry the most energy dominate; l2: `||x - c|| / ||c||`. Both come from per-token
+    dot products (`drift_from_dots`), which the profiler takes for every pair of steps at once.
     """
     x, c = x.float(), x_cached.float()
-    if metric == "l2":
-        return _l2_drift(x, c)
-    return saliency_drift(*_token_cosines(x, c), power)
+    dots, sq, cached_sq = (torch.linalg.vecdot(a, b) for a, b in ((x, c), (x, x), (c, c)))
+    return drift_from_dots(dots, sq, cached_sq, ((metric, power),))[0]
 
 
-def drift_variants(x: torch.Tensor, x_cached: torch.Tensor, variants: tuple[tuple[str, float], ...]) -> torch.Tensor:
-    """`drift` for several (metric, power) pairs at once, (len(variants), B); the profiler records all of them.
+def drift_from_dots(dots: torch.Tensor, sq: torch.Tensor, cached_sq: torch.Tensor,
+                    variants: tuple[tuple[str, float], ...]) -> torch.Tensor:
+    """`drift` for several (metric, power) pairs, (len(variants), ...), from per-token dots `x_i . c_i`,
+    `x_i . x_i` and `c_i . c_i`, all (..., K) float32.
 
-    Leading dimensions beyond the last two are batch dimensions, so lags can be stacked too.
+    The L2 drift's `||x - c||^2 = sum_i x_i . x_i + c_i . c_i - 2 x_i . c_i` is summed in float64 from
+    dots of one kernel, so identical inputs give exactly 0.
     """
-    x, c = x.float(), x_cached.float()
-    cosines = _token_cosines(x, c) if any(metric != "l2" for metric, _ in variants) else None
-    return torch.stack([_l2_drift(x, c) if metric == "l2" else saliency_drift(*cosines, power)
-                        for metric, power in variants])
-
-
-def _l2_drift(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return (x - c).flatten(-2).norm(dim=-1) / c.flatten(-2).norm(dim=-1).clamp_min(1e-12)
-
-
-def _token_cosines(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cosines of x against c and c's token norms (clamped), the cosine drift's inputs."""
-    return torch.nn.functional.cosine_similarity(x, c, dim=-1, eps=1e-12), c.norm(dim=-1).clamp_min(1e-12)
+    weight = cached_sq.sqrt().clamp_min(1e-12)  # the cached tokens' norms
+    cos = dots / (sq.sqrt().clamp_min(1e-12) * weight) if any(m != "l2" for m, _ in variants) else None
+    out = []
+    for metric, power in variants:
+        if metric == "l2":
+            change = (sq.double() + cached_sq.double() - 2 * dots.double()).sum(dim=-1).clamp_min(0).sqrt()
+            out.append((change / cached_sq.double().sum(dim=-1).sqrt().clamp_min(1e-12)).float())
+        else:
+            out.append(saliency_drift(cos, weight, power))
+    return torch.stack(out)
 
 
 def saliency_drift(cos: torch.Tensor, norm: torch.Tensor, power: float) -> torch.Tensor:
-    """The cosine drift from per-token cosines and the cached tokens' norms (clamped), both (..., K).
-
-    Apart so the profiler, which keeps each step's token norms and unit tokens for the next eight
-    steps' comparisons, computes the same numbers without computing them again.
-    """
+    """The cosine drift from per-token cosines and the cached tokens' norms (clamped), both (..., K)."""
     w = norm if power == 1.0 else norm.pow(power)  # pow(1) is the identity, bit for bit, and costs an op
     return ((1.0 - cos) * w).sum(dim=-1) / w.sum(dim=-1)

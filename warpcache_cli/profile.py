@@ -23,7 +23,7 @@ from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
-from warpcache_cli.policy import saliency_drift
+from warpcache_cli.policy import drift_from_dots, saliency_drift
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.session import CacheSession, Decision
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
@@ -40,73 +40,72 @@ def _sync(t: torch.Tensor) -> None:
 
 @dataclass
 class _History:
-    """One CFG branch's past, all blocks together: what drift, reuse error and warp error compare against.
+    """One CFG branch's recording, all blocks together.
 
-    Sketches sit in ring buffers, the current step's in slot `steps % slots`: `lags + 1` steps of
-    inputs, `2 lags + 2` of residuals (the Gram table's reach). Each is written once, by the block
-    hook, and never copied; the rings fill in slot order and only filled slots are read, so they
-    start uninitialised. What later steps need of a step (unit tokens, norms) is kept, not recomputed.
+    `full` holds each block's last input and residual in the model's dtype, the recorder's one full-size
+    copy: the block hook compares the new tensors against it, then overwrites it in place. What the
+    block hook reduces them to is written straight into per-step buffers (`steps` slots, capacity doubling
+    when full), which `Recorder.close` turns into the trace's tables once the generation is over, every
+    step at once.
     """
 
-    x: torch.Tensor  # (L, lags + 1, B, K, C) input sketches, float32
-    unit: torch.Tensor  # (L, lags + 1, B, K, C) input sketch tokens scaled to unit length
-    weight: torch.Tensor  # (L, lags + 1, B, K) input sketch token norms, clamped: the saliency weights
-    norm: torch.Tensor  # (L, lags + 1, B) input sketch norms, clamped: the L2 drift's denominator
-    r: torch.Tensor  # (L, 2 lags + 2, B, K, C) residual sketches
-    r_sq: torch.Tensor  # (L, 2 lags + 2, B) their squared norms, float64 as the Gram table's differences need
-    full: list[torch.Tensor | None]  # per block, the last step's full input and residual, stacked (B, 2, N, C)
-    frame_map: list[torch.Tensor | None]  # per block, the last step's warp map and direction, where the
-    direction: list[torch.Tensor | None]  # next step measures warping
-    token_norm: torch.Tensor | None = None  # (L, B, N) the last step's full input token norms, clamped
-    full_norm: torch.Tensor | None = None  # (L, B) and whole input norms, clamped
-    steps: int = 0  # calls analysed
+    full: torch.Tensor  # (L, B, 2, N, C) each block's last input and residual
+    sketch: torch.Tensor  # (L, B, 2, K, C) this call's input and residual on the token subset
+    buffers: dict[str, torch.Tensor]  # per step (capacity, ...); see `empty`
+    steps: list[int] = field(default_factory=list)  # the step of each call recorded
+    frame_map: torch.Tensor | None = None  # (L B, F, H, W) the last call's warp maps and their directions,
+    direction: torch.Tensor | None = None  # where this call measures warping
 
     @classmethod
-    def empty(cls, blocks: int, lags: int, sketch: torch.Size, device: torch.device) -> _History:
-        def ring(slots: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.empty(blocks, slots, *shape, device=device, dtype=dtype)
+    def empty(cls, blocks: int, x: torch.Tensor, k: int) -> _History:
+        b, n, c = x.shape
+        dev = x.device
 
-        g = lags + 1
-        return cls(ring(g, *sketch), ring(g, *sketch), ring(g, *sketch[:-1]), ring(g, *sketch[:-2]),
-                   ring(2 * g, *sketch), ring(2 * g, *sketch[:-2], dtype=torch.float64),
-                   *([None] * blocks for _ in range(3)))
+        def buffer(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device = dev) -> torch.Tensor:
+            return torch.empty(0, *shape, dtype=dtype, device=device)
 
-    def slot(self, ring: torch.Tensor, lag: int = 0) -> int:
-        """Where the step `lag` steps before the current one sits in `ring`."""
-        return (self.steps - lag) % ring.shape[1]
+        return cls(torch.empty(blocks, b, 2, n, c, device=dev, dtype=x.dtype),
+                   torch.empty(blocks, b, 2, k, c, device=dev, dtype=x.dtype), {
+                       "dots": buffer(blocks, b, 2, n),  # per-token dots of input and residual with the last step's
+                       "token_norm": buffer(blocks, b, 2, n),  # token norms of input and residual
+                       "x_dot_r": buffer(blocks, b),
+                       # sketches in host memory and the model's dtype (what the live policy's drift converts)
+                       "x_sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu")),
+                       "r_sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu"))})
 
-
-@dataclass
-class _Warp:
-    """A block whose warp error the call measures, once the call's shifts are estimated together."""
-
-    layer: int
-    past_map: torch.Tensor  # the previous step's map and residual
-    past_r: torch.Tensor
-    map: torch.Tensor  # this step's map, reduced on the previous step's direction
+    def reserve(self) -> int:
+        """The slot of the call starting now, making room for it."""
+        n = len(self.steps)
+        for name, t in self.buffers.items():
+            if n == len(t):
+                grown = t.new_empty((max(32, 2 * n), *t.shape[1:]))
+                grown[:n] = t
+                self.buffers[name] = grown
+        return n
 
 
 @dataclass
 class _Call:
-    """What the block hooks of one transformer call kept for the analysis once the call is over."""
+    """One transformer call being recorded."""
 
     branch: int
     step: int
+    slot: int  # in the branch's per-step buffers
     grid: tuple[int, int, int] | None
-    power: float  # the policy's saliency power, for the full-tensor cosine drift
     seconds: list[float] = field(default_factory=list)
-    parts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per block: reductions of its full tensors
-    warps: list[_Warp] = field(default_factory=list)
+    past_r: list[torch.Tensor] = field(default_factory=list)  # per block, the last call's residual, when warping
 
 
 class Recorder:
     """A `BlockObserver` that turns one full-compute generation into per-block rows.
 
-    Blocks of the built-in model take milliseconds, so the count of tensor operations matters more
-    than their size: the block hook only copies the token sketches into the history and reduces its
-    full tensors while they are in cache (a few norms and dot products); everything else (lag
-    tables, ratios, drift weighting, warp shifts) runs batched over the blocks once the transformer
-    call is over (`on_call`, `close`), off the block timings.
+    Blocks of the built-in model take milliseconds, so the count of tensor operations and passes over
+    memory matters more than arithmetic. The block hook takes the reductions that need the block's full
+    tensors (dots against the last step's, token norms, its sketch) straight into per-step buffers; only
+    warp shifts run once the transformer call is over (`on_call`), batched over the blocks; everything else,
+    above all the lag tables that compare each step's sketches with the steps before, runs once the
+    generation is over (`close`), as batched matrix products over all steps, where comparing call by call
+    reads every past sketch again at each call.
     """
 
     def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
@@ -118,6 +117,8 @@ class Recorder:
         self._history: dict[int, _History] = {}
         self._call: _Call | None = None
         self.token_subset = torch.zeros(0, dtype=torch.long)
+        self._subset = self.token_subset  # on the model's device
+        self._power = 1.0  # the policy's saliency power, for the full-tensor cosine drift
 
     def on_call(self, session: CacheSession, seconds: float) -> None:
         """One whole transformer call (blocks plus everything around them) took `seconds`: analyse its blocks."""
@@ -126,8 +127,22 @@ class Recorder:
         self._flush()
 
     def close(self) -> None:
-        """Analyse the last call if `on_call` did not, then drop the history: the rows are all a trace needs."""
+        """The generation is over: turn each branch's buffers into the rows' tables, then drop them."""
         self._flush()
+        with torch.no_grad():
+            for b, h in self._history.items():
+                n = len(h.steps)
+                buf = {k: v[:n] for k, v in h.buffers.items()}
+                xs, rs = buf["x_sketch"], buf["r_sketch"]
+                # block by block: the temporaries stay small enough for the allocator to reuse, where all
+                # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
+                tables = [_lag_tables(xs[:, i: i + 1].float(), rs[:, i: i + 1].float(), self.lags, self.sketch_tokens)
+                          for i in range(xs.shape[1])]
+                columns = {key: np.concatenate([t[key] for t in tables], axis=1) for key in tables[0]}
+                columns.update(_full_tensor_tables(buf["token_norm"], buf["dots"], buf["x_dot_r"], self._power))
+                for key, table in columns.items():  # (S, L, ...)
+                    for s, row in zip(h.steps, table):
+                        self.rows[(b, s)][key] = row
         self._history.clear()
 
     def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
@@ -143,131 +158,131 @@ class Recorder:
         if self._call is not None and (self._call.branch, self._call.step) != (b, step.step):
             self._flush()  # a call that ended without `on_call`
         if self._call is None:
-            self._call = _Call(b, step.step, session.grid, session.config.policy.saliency_power)
-        with torch.no_grad():
-            self._capture(session, self._call, layer, x.detach(), residual.detach())
-        self._call.seconds.append(seconds)
-
-    def _capture(self, session: CacheSession, call: _Call, layer: int, x: torch.Tensor, r: torch.Tensor) -> None:
-        """The block's part: its sketches into the history, reductions of its full tensors, its warp maps.
-
-        Blocks of the built-in model take milliseconds, so each full-tensor pass counts: input and
-        residual are stacked once (the copy the history keeps) and reduced together, and whatever is
-        arithmetic on the reductions waits for `_flush`, batched over the blocks.
-        """
-        idx = session.subset(x.shape[1], x.device)
-        h = self._history.get(call.branch)
-        if h is None:
-            self.token_subset = idx.cpu()
-            h = self._history[call.branch] = _History.empty(
-                session.num_blocks, self.lags, torch.Size((x.shape[0], len(idx), x.shape[2])), x.device)
-        xr = torch.stack([x, r], dim=1).float()  # (B, 2, N, C)
-        xf, rf = xr[:, 0], xr[:, 1]
-        x_sketch = torch.index_select(xf, 1, idx, out=h.x[layer, h.slot(h.x)])
-        r_sketch = h.r[layer, h.slot(h.r)] = rf.index_select(1, idx)
-        part = {"norms": torch.linalg.vector_norm(xr.flatten(2), dim=-1),  # (B, 2): ||x||, ||r||
-                "x_dot_r": torch.linalg.vecdot(xf.flatten(1), rf.flatten(1)),  # for ||x + r||
-                "token_norm": torch.linalg.vector_norm(xf, dim=-1),  # (B, N)
-                # x.r on the sketch, for ||x + r||^2 of the Gram table's denominator: a float32 dot while
-                # both are in cache, where a float64 pass over the sketches later costs as much as a block
-                "sketch_xr": torch.linalg.vecdot(x_sketch.flatten(1), r_sketch.flatten(1))}
-        past = h.full[layer]
-        if past is not None:
-            part["token_dot"] = torch.linalg.vecdot(xf, past[:, 0])  # (B, N): per-token cosines' numerators
-            part["change"] = torch.linalg.vector_norm((xr - past).flatten(2), dim=-1)  # (B, 2): L2 drift, reuse
-            if h.frame_map[layer] is not None:
-                now, _ = motion.frame_maps(x, call.grid, h.direction[layer])
-                call.warps.append(_Warp(layer, h.frame_map[layer], past[:, 1], now))
-        grid = call.grid
-        # warping is measured on the first branch every WARP_EVERY steps: it is the recorder's costliest part
-        measure_next = call.branch == 0 and (call.step + 1) % WARP_EVERY == 0
-        warpable = measure_next and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
-        h.frame_map[layer], h.direction[layer] = motion.frame_maps(x, grid) if warpable else (None, None)
-        h.full[layer] = xr
-        call.parts.append(part)
+            if b not in self._history:
+                self._subset = session.subset(x.shape[1], x.device)
+                self.token_subset = self._subset.cpu()
+                self._history[b] = _History.empty(session.num_blocks, x, len(self._subset))
+                self._power = session.config.policy.saliency_power
+            self._call = _Call(b, step.step, self._history[b].reserve(), session.grid)
+        call, h = self._call, self._history[self._call.branch]
+        buf = h.buffers
+        with torch.no_grad():  # reductions of the block's tensors while they are in cache; no new full-size tensor
+            full = h.full[layer]
+            xf, rf = x.float(), residual.float()
+            if call.slot:
+                torch.linalg.vecdot(xf, full[:, 0].float(), out=buf["dots"][call.slot, layer, :, 0])
+                torch.linalg.vecdot(rf, full[:, 1].float(), out=buf["dots"][call.slot, layer, :, 1])
+                if h.frame_map is not None:
+                    call.past_r.append(full[:, 1].clone())
+            full[:, 0].copy_(x)
+            full[:, 1].copy_(residual)
+            torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
+            torch.linalg.vecdot(xf.flatten(1), rf.flatten(1), out=buf["x_dot_r"][call.slot, layer])
+            torch.index_select(full, 2, self._subset, out=h.sketch[layer])
+        call.seconds.append(seconds)
 
     def _flush(self) -> None:
-        """The call's part, all blocks at once: full-tensor ratios, lag tables, warp errors; rows as numpy."""
+        """The call is over: its block times, sketches to host memory, warp errors and maps (batched over blocks)."""
         call, self._call = self._call, None
         if call is None:
             return
         h = self._history[call.branch]
+        row: dict[str, Any] = {"block_seconds": np.asarray(call.seconds, np.float32)}
         with torch.no_grad():
-            parts = {key: torch.stack([p[key] for p in call.parts]) for key in call.parts[0]}
-            full_norm, r_norm = parts["norms"].unbind(-1)  # (L, B)
-            out_norm = (full_norm.square() + r_norm.square() + 2 * parts["x_dot_r"]).clamp_min(0).sqrt()
-            out_norm = out_norm.clamp_min(1e-12)
-            token_norm = parts["token_norm"].clamp_min(1e-12)
-            row = {"x_norm": full_norm.norm(dim=-1), "r_norm": r_norm.norm(dim=-1),
-                   **self._lag_tables(h, parts["sketch_xr"])}
-            if "change" in parts:  # the largest over the batch, as everywhere in the trace
-                l2, reuse = parts["change"].unbind(-1)
-                cos = parts["token_dot"] / (token_norm * h.token_norm)
-                row["reuse_err1"] = (reuse / out_norm).amax(dim=-1)
-                row["drift1_cos"] = saliency_drift(cos, h.token_norm, call.power).amax(dim=-1)
-                row["drift1_l2"] = (l2 / h.full_norm).amax(dim=-1)
-            if call.warps:
-                row["warp_err1"] = self._warp_errors(call, h, out_norm)
-            h.token_norm, h.full_norm = token_norm, full_norm.clamp_min(1e-12)
-            h.steps += 1
-            self.rows[(call.branch, call.step)] = {
-                "block_seconds": np.asarray(call.seconds, np.float32), **{k: v.cpu().numpy() for k, v in row.items()}}
+            h.buffers["x_sketch"][call.slot] = h.sketch[:, :, 0]
+            h.buffers["r_sketch"][call.slot] = h.sketch[:, :, 1]
+            x = h.full[:, :, 0].flatten(0, 1)  # (L B, N, C)
+            grid = call.grid
+            if call.past_r:
+                row["warp_err1"] = self._warp_errors(call, h).cpu().numpy()
+            # warping is measured on the first branch every WARP_EVERY steps: it is the recorder's costliest part
+            warpable = grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
+            measure_next = warpable and call.branch == 0 and (call.step + 1) % WARP_EVERY == 0
+            h.frame_map, h.direction = motion.frame_maps(x, grid) if measure_next else (None, None)
+        h.steps.append(call.step)
+        self.rows[(call.branch, call.step)] = row
 
-    def _lag_tables(self, h: _History, x_dot_r: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The call's sketches against the previous steps', all blocks: drift and reuse error for `lags`
-        steps back, the Gram table of residuals for `2 lags + 1`.
+    def _warp_errors(self, call: _Call, h: _History) -> torch.Tensor:
+        """||r - warp(r_prev)|| / ||x + r|| of every block, all blocks' shifts estimated in one batch."""
+        xr = h.full.float()  # (L, B, 2, N, C)
+        now, _ = motion.frame_maps(xr[:, :, 0].flatten(0, 1), call.grid, h.direction)
+        shifts = motion.estimate_shift(h.frame_map, now).mean(dim=1)  # (L B, 2)
+        warped, _ = motion.warp_by_shift(torch.stack(call.past_r).flatten(0, 1), shifts, call.grid,
+                                         self.steps[call.step][2])
+        err = (xr[:, :, 1].flatten(0, 1) - warped.float()).flatten(1).norm(dim=1).view(xr.shape[:2])
+        out_norm = _out_norm(h.buffers["token_norm"][call.slot], h.buffers["x_dot_r"][call.slot])
+        return (err / out_norm).amax(dim=-1)
 
-        Drift is `policy.drift_variants`'s arithmetic bit for bit, so the lag-1 drift is what the
-        live policy measures on the same trajectory. Reuse error comes from the Gram table
-        (||a - b||^2 = a.a + b.b - 2 a.b), so residual sketches are read once. The dots are float32: float64
-        sketches cost 10% more time and moved no replayed PSNR estimate by more than 0.03 dB (120 configs).
-        Each block's filled slots are compared at once (the current one too: cheaper than leaving it
-        out), then put in lag order.
-        """
-        xs, rs = h.x[:, h.slot(h.x)], h.r[:, h.slot(h.r)]  # (L, B, K, C)
-        norm = xs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        unit = torch.div(xs, norm, out=h.unit[:, h.slot(h.x)])
-        h.weight[:, h.slot(h.x)] = norm[..., 0]
-        h.norm[:, h.slot(h.x)] = xs.flatten(-2).norm(dim=-1).clamp_min(1e-12)
-        fx, fr = (slice(0, min(h.steps + 1, ring.shape[1])) for ring in (h.x, h.r))  # rings fill in slot order
-        # block by block: one block's slots stay in cache, all blocks' do not (measured 2-3x slower)
-        l2, cos, dots = (torch.stack(t) for t in zip(*(
-            ((h.x[i, fx] - xs[i]).flatten(-2).norm(dim=-1),  # (slots, B)
-             (h.unit[i, fx] * unit[i]).sum(dim=-1),  # (slots, B, K)
-             torch.stack([h.r[i, fr, b].flatten(1) @ rs[i, b].flatten() for b in range(rs.shape[1])], dim=-1))
-            for i in range(len(xs)))))
-        h.r_sq[:, h.slot(h.r)] = r_sq = dots[:, h.slot(h.r)]  # (L, B)
-        out_sq = h.norm[:, h.slot(h.x)].double().square() + r_sq + 2 * x_dot_r.double()  # (L, B): ||x + r||^2
-        g, n = self.lags, min(h.steps, self.lags)
-        gram = [h.slot(h.r, j) for j in range(min(h.steps, 2 * g + 1) + 1)]
-        row = {"drift": xs.new_full((len(xs), g, len(DRIFT_VARIANTS)), torch.nan),
-               "reuse_err": xs.new_full((len(xs), g), torch.nan),
-               "res_dot": rs.new_zeros((len(xs), 2 * g + 2)), "out_sq": out_sq.sum(dim=-1)}
-        row["res_dot"][:, : len(gram)] = dots[:, gram].sum(dim=-1)  # summed over the batch
-        if self.sketch_tokens:
-            row["sketch_in"] = xs[:, :, : self.sketch_tokens].half().cpu()
-            row["sketch_res"] = rs[:, :, : self.sketch_tokens].half().cpu()
-        if n:
-            d = torch.stack([l2 / h.norm[:, fx] if metric == "l2" else
-                             saliency_drift(cos, h.weight[:, fx], power) for metric, power in DRIFT_VARIANTS],
-                            dim=-1)  # (L, slots, B, M)
-            # the live policy takes the largest drift over the batch; so does the table
-            row["drift"][:, :n] = d.amax(dim=2)[:, [h.slot(h.x, lag) for lag in range(1, n + 1)]]
-            back = [h.slot(h.r, lag) for lag in range(1, n + 1)]
-            err_sq = (r_sq[:, None] + h.r_sq[:, back] - 2 * dots[:, back]).clamp_min(0)  # (L, n, B)
-            row["reuse_err"][:, :n] = (err_sq.sqrt() / out_sq.sqrt().clamp_min(1e-12)[:, None]).amax(dim=-1)
-        return row
 
-    def _warp_errors(self, call: _Call, h: _History, out_norm: torch.Tensor) -> torch.Tensor:
-        """||r - warp(r_prev)|| / ||x + r|| of the measured blocks (NaN elsewhere), shifts estimated in one batch."""
-        past_maps, maps = torch.cat([w.past_map for w in call.warps]), torch.cat([w.map for w in call.warps])
-        shifts = motion.estimate_shift(past_maps, maps).mean(dim=1).split(len(call.warps[0].map))  # (B, 2) each
-        out = out_norm.new_full((len(out_norm),), torch.nan)
-        for w, shift in zip(call.warps, shifts):
-            warped, _ = motion.warp_by_shift(w.past_r, shift, call.grid, self.steps[call.step][2])
-            r = h.full[w.layer][:, 1]
-            out[w.layer] = ((r - warped.float()).flatten(1).norm(dim=1) / out_norm[w.layer]).max()
-        return out
+def _out_norm(token_norm: torch.Tensor, x_dot_r: torch.Tensor) -> torch.Tensor:
+    """||x + r|| from token norms (..., 2, N) and x . r (...), clamped: what relative errors divide by."""
+    sq = token_norm.double().square().sum(dim=(-1, -2))
+    return (sq + 2 * x_dot_r.double()).clamp_min(0).sqrt().clamp_min(1e-12)
+
+
+def _full_tensor_tables(token_norm: torch.Tensor, dots: torch.Tensor, x_dot_r: torch.Tensor, power: float
+                        ) -> dict[str, np.ndarray]:
+    """Norms, and drift and reuse error to the previous step on full tensors, (S, L); NaN at step 0.
+
+    `token_norm` and `dots` are (S, L, B, 2, N): input and residual token norms, and their per-token dots
+    with the previous step's. ||a - b||^2 = a.a + b.b - 2 a.b, summed in float64. The largest over the batch.
+    """
+    sq = token_norm.double().square().sum(dim=-1)  # (S, L, B, 2): ||x||^2, ||r||^2
+    out = {"x_norm": sq[..., 0].sum(dim=-1).sqrt(), "r_norm": sq[..., 1].sum(dim=-1).sqrt()}
+    change = (sq[1:] + sq[:-1] - 2 * dots[1:].double().sum(dim=-1)).clamp_min(0).sqrt()  # (S - 1, L, B, 2)
+    norm = token_norm[..., 0, :].clamp_min(1e-12)  # (S, L, B, N)
+    cos = dots[1:, :, :, 0] / (norm[1:] * norm[:-1])
+    nan = torch.full_like(out["x_norm"][:1], torch.nan)
+    out["reuse_err1"] = torch.cat([nan, (change[..., 1] / _out_norm(token_norm, x_dot_r)[1:]).amax(dim=-1)])
+    out["drift1_cos"] = torch.cat([nan, saliency_drift(cos, norm[:-1], power).amax(dim=-1).double()])
+    out["drift1_l2"] = torch.cat([nan, (change[..., 0] / sq[:-1, ..., 0].sqrt().clamp_min(1e-12)).amax(dim=-1)])
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, lags: int, sketch_tokens: int) -> dict[str, np.ndarray]:
+    """Each step's sketches against the previous steps': drift and reuse error for `lags` steps back, the
+    Gram table of residuals for `2 lags + 1`; arrays (S, L, ...).
+
+    `xs` and `rs` are (S, L, B, K, C): per step, input and residual on K subset tokens. Every token's
+    dots over all pairs of steps are one batched matrix product, which reads each sketch once where
+    comparing step by step reads it again for each lag. Drift is `policy.drift_from_dots` on these dots;
+    at lag 1 the dots are `policy.drift`'s own (`vecdot`), so the lag-1 drift is what the live policy
+    measures on the same trajectory, bit for bit (further lags are only compared after a reuse, off that
+    trajectory). The products are float32, their differences float64: float64 sketches cost 10% more
+    time and moved no replayed PSNR estimate by more than 0.03 dB (120 configs). The live policy takes
+    the largest drift over the batch; so do the tables.
+    """
+    steps, g = len(xs), lags
+    tokens = xs.permute(1, 2, 3, 0, 4)  # (L, B, K, S, C), a view the batched products take as it is
+    sq = torch.linalg.vecdot(tokens, tokens)  # (L, B, K, S): `policy.drift`'s own squared token norms
+    flat = rs.flatten(-2).permute(1, 2, 0, 3)  # (L, B, S, K C)
+    gram = (flat @ flat.transpose(-1, -2)).double()  # (L, B, S, S): <r_s, r_t>
+    back = torch.arange(steps)[:, None] - torch.arange(2 * g + 2)  # (S, J): step s - j
+    valid, back = back >= 0, back.clamp_min(0)
+
+    def lagged(t: torch.Tensor, j: int) -> torch.Tensor:
+        """t[..., s, s - j] for j = 0 .. J - 1 (clamped at step 0) from t[..., s, t], (..., S, J)."""
+        return t.gather(-1, back[:, :j].expand(*t.shape[:-1], j))
+
+    dots = lagged(tokens @ tokens.transpose(-1, -2), g + 1)[..., 1:]  # (L, B, K, S, G)
+    dots[..., 1:, 0] = torch.linalg.vecdot(tokens[..., 1:, :], tokens[..., :-1, :])
+    lags_back = back[:, 1: g + 1]  # (S, G)
+    dots, now, past = (t.permute(0, 1, 3, 4, 2).contiguous() for t in (dots, sq[..., None].expand_as(dots),
+                                                                      sq[..., lags_back]))  # (L, B, S, G, K)
+    drift = drift_from_dots(dots, now, past, DRIFT_VARIANTS).amax(dim=2).permute(1, 2, 3, 0)  # (L, S, G, M)
+    drift[:, ~valid[:, 1: g + 1]] = torch.nan  # before step 0
+    pairs = lagged(gram, 2 * g + 2) * valid  # (L, B, S, J): <r_s, r_{s - j}>, 0 before step 0
+    r_sq = pairs[..., 0]
+    x_dot_r = torch.linalg.vecdot(xs.flatten(-2), rs.flatten(-2)).double().permute(1, 2, 0)
+    out_sq = sq.double().sum(dim=2) + r_sq + 2 * x_dot_r  # (L, B, S): ||x_s + r_s||^2
+    err_sq = (r_sq[..., None] + r_sq[..., lags_back] - 2 * pairs[..., 1: g + 1]).clamp_min(0)
+    reuse = (err_sq.sqrt() / out_sq.sqrt().clamp_min(1e-12)[..., None]).amax(dim=1).float()  # (L, S, G)
+    reuse[:, ~valid[:, 1: g + 1]] = torch.nan
+    rows = {"drift": drift.transpose(0, 1), "reuse_err": reuse.transpose(0, 1),
+            "res_dot": pairs.sum(dim=1).transpose(0, 1), "out_sq": out_sq.sum(dim=1).transpose(0, 1)}
+    if sketch_tokens:
+        rows["sketch_in"], rows["sketch_res"] = xs[..., :sketch_tokens, :].half(), rs[..., :sketch_tokens, :].half()
+    return {k: v.cpu().numpy() for k, v in rows.items()}
 
 
 def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_seconds: list[float],
@@ -393,12 +408,12 @@ def profile(
         try:
             start = time.perf_counter()
             frames = generate(pipe, req)
+            rec.close()  # the lag tables: recording's cost, so inside the timing
             run_secs.append(time.perf_counter() - start)
         finally:
             for h in handles:
                 h.remove()
             runtime.remove(pipe)
-        rec.close()
         recorders.append(rec)
         refs.append(frames)
     plain_seconds, block_seconds, block_input = _plain_timing(pipe, transformer, requests[0])
