@@ -69,9 +69,9 @@ class _History:
                        "dots": buffer(blocks, b, 2, n),  # per-token dots of input and residual with the last step's
                        "token_norm": buffer(blocks, b, 2, n),  # token norms of input and residual
                        "x_dot_r": buffer(blocks, b),
-                       # sketches in host memory and the model's dtype (what the live policy's drift converts)
-                       "x_sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu")),
-                       "r_sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu"))})
+                       # input and residual sketches in host memory and the model's dtype (what the live
+                       # policy's drift converts)
+                       "sketch": buffer(blocks, b, 2, k, c, dtype=x.dtype, device=torch.device("cpu"))})
 
     def reserve(self) -> int:
         """The slot of the call starting now, making room for it."""
@@ -133,7 +133,7 @@ class Recorder:
             for b, h in self._history.items():
                 n = len(h.steps)
                 buf = {k: v[:n] for k, v in h.buffers.items()}
-                xs, rs = buf["x_sketch"], buf["r_sketch"]
+                xs, rs = buf["sketch"][:, :, :, 0], buf["sketch"][:, :, :, 1]
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
                 tables = [_lag_tables(xs[:, i: i + 1].float(), rs[:, i: i + 1].float(), self.lags, self.sketch_tokens)
@@ -177,7 +177,8 @@ class Recorder:
             full[:, 0].copy_(x)
             full[:, 1].copy_(residual)
             torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
-            torch.linalg.vecdot(xf.flatten(1), rf.flatten(1), out=buf["x_dot_r"][call.slot, layer])
+            for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
+                torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
         call.seconds.append(seconds)
 
     def _flush(self) -> None:
@@ -188,9 +189,11 @@ class Recorder:
         h = self._history[call.branch]
         row: dict[str, Any] = {"block_seconds": np.asarray(call.seconds, np.float32)}
         with torch.no_grad():
-            sketch = h.full.index_select(3, self._subset)  # (L, B, 2, K, C), all blocks in one pass
-            h.buffers["x_sketch"][call.slot] = sketch[:, :, 0]
-            h.buffers["r_sketch"][call.slot] = sketch[:, :, 1]
+            slot = h.buffers["sketch"][call.slot]  # (L, B, 2, K, C), all blocks in one pass
+            if slot.device == h.full.device:  # straight into the buffer: a temporary is fresh pages to fault in
+                torch.index_select(h.full, 3, self._subset, out=slot)
+            else:
+                slot.copy_(h.full.index_select(3, self._subset))
             x = h.full[:, :, 0].flatten(0, 1)  # (L B, N, C)
             grid = call.grid
             if call.past_r:
