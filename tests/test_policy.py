@@ -65,6 +65,9 @@ def test_decision_regions():
     assert decide(cfg, step=1, drift=0.0, **args) == Action.RECOMPUTE  # warm-up
     assert decide(cfg, step=5, drift=0.0, **{**args, "reuse_run": 3}) == Action.RECOMPUTE
     assert decide(cfg, step=5, drift=0.0, **{**args, "has_cache": False}) == Action.RECOMPUTE
+    late = Config.default().with_policy(late_start=0.8, late_max_consecutive_reuse=1).policy
+    assert decide(late, step=5, drift=0.0, **{**args, "reuse_run": 1, "position": 0.79}) == Action.REUSE
+    assert decide(late, step=5, drift=0.0, **{**args, "reuse_run": 1, "position": 0.8}) == Action.RECOMPUTE
     off = Config.default().with_policy(no_warp_layers=[0], layer_multipliers={1: 0.0}).policy
     assert decide(off, step=5, drift=(w + t) / 2, **args) == Action.REUSE
     assert decide(off, step=5, drift=0.0, **{**args, "layer": 1}) == Action.RECOMPUTE

@@ -43,17 +43,36 @@ def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
     assert len(live) == actions.size
 
 
+def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_trace):
+    """Thresholds out of reach: the schedule alone decides, so live and replay agree at every block and step,
+    including the late phase's tighter reuse limit (every 2nd step from the middle on, every 4th before)."""
+    late_start = (STEPS // 2 - 0.5) / (STEPS - 1)
+    cfg = wc.Config.default().with_policy(base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, warm_up_steps=1,
+                                          max_consecutive_reuse=3, late_start=late_start, late_max_consecutive_reuse=1,
+                                          forecast=1.0, token_subset=small_trace.meta["token_subset"])
+    session = wc.apply(builtin, cfg)
+    generate(builtin, Request(PROMPTS[0], 0, STEPS))
+    wc.remove(builtin)
+    computed = sorted({d.step for d in session.stats.decisions if d.action == Action.RECOMPUTE})
+    late = [s for s in range(STEPS // 2, STEPS) if s in computed]
+    assert computed[:2] == [0, 4] and np.diff(late).max() <= 2 < np.diff(computed).max()
+    actions = Replayer(small_trace).decisions(cfg.policy)[0][0]
+    branches = small_trace.meta["branches"]
+    assert all(actions[branches.index(d.branch), d.step, d.layer] == d.action for d in session.stats.decisions)
+
+
 @pytest.mark.parametrize("threshold", [1e-12, 2.0])  # always over the drift: measured, then run; a schedule
-def test_replay_counts_the_drift_measurements_the_live_hooks_make(builtin, small_trace, threshold):
+@pytest.mark.parametrize("late_start", [1.0, 0.5])
+def test_replay_counts_the_drift_measurements_the_live_hooks_make(builtin, small_trace, threshold, late_start):
     cfg = wc.Config.default().with_policy(base_threshold=threshold, min_threshold=threshold, warp_threshold=0.0,
-                                          warm_up_steps=2, max_consecutive_reuse=2,
-                                          token_subset=small_trace.meta["token_subset"])
+                                          warm_up_steps=2, max_consecutive_reuse=2, late_start=late_start,
+                                          late_max_consecutive_reuse=1, token_subset=small_trace.meta["token_subset"])
     session = wc.apply(builtin, cfg)
     generate(builtin, Request(PROMPTS[0], 0, STEPS))
     wc.remove(builtin)
     live = sum(d.action == Action.RECOMPUTE and np.isfinite(d.drift) for d in session.stats.decisions)
     r = Replayer(small_trace)
-    counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1))[0])
+    counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1))[0], slice(0, 1))
     assert counts[0, 4] == live
     assert (live > 0) == (threshold < 1.0)
 

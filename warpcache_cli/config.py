@@ -259,6 +259,9 @@ class PolicyConfig(_Node):
     saliency_power: float = field(default=1.0, metadata=_number(0, 4))
     warm_up_steps: int = field(default=2, metadata=_number(0, 1000, integer=True))
     max_consecutive_reuse: int = field(default=3, metadata=_number(1, 1000, integer=True))
+    # from this schedule position on, at most `late_max_consecutive_reuse` (if lower) reuses in a row
+    late_start: float = field(default=1.0, metadata=_number(0, 1))
+    late_max_consecutive_reuse: int = field(default=1000, metadata=_number(1, 1000, integer=True))
     # a reused block's residual is extrapolated along its last two computations, weighted by this (0: plain reuse)
     forecast: float = field(default=0.0, metadata=_number(0, 1))
     # and the second-order (curvature) term through the last three, weighted by this (0: first order only)

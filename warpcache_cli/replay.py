@@ -18,7 +18,7 @@ import numpy as np
 
 from warpcache_cli.config import Config, PolicyConfig
 from warpcache_cli.errors import WarpcacheError
-from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, recomputes, served
+from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, recomputes, reuse_limit, served
 from warpcache_cli.trace import Trace, drift_variant
 
 # PSNR falls 20 dB per decade of injected error: output error grows in proportion to it. Only the
@@ -132,6 +132,7 @@ class Replayer:
                                 self.layers)  # (R, S, 1, L)
         t_all = np.broadcast_to(np.moveaxis(t_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
         w_all = np.broadcast_to(np.moveaxis(w_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
+        pos_all = np.broadcast_to(self.position[runs].T[:, :, None], (self.steps, r, br * lyr)).reshape(self.steps, -1)
         # reuses in a row since the last computation; the lag to it is one more. The run starts at the
         # table's "no cache" column (+inf drift), and `max_consecutive_reuse <= lags` keeps it below
         run = np.full(n, width - 2)
@@ -139,7 +140,7 @@ class Replayer:
         seen = np.empty((self.steps, n))
         for s in range(self.steps):  # only whether a block runs feeds back into later steps
             d = flat[s].take(base + run)
-            rec = recomputes(policy, s, d, t_all[s], run)
+            rec = recomputes(policy, s, d, t_all[s], run, pos_all[s])
             computed[s], seen[s] = rec, d
             run = np.where(rec, 0, run + 1)
         actions = np.where(computed, RECOMPUTE, served(seen, w_all))
@@ -181,7 +182,8 @@ class Replayer:
         # drift-driven configs favoured the linear sum (2.10 against 2.60 dB)
         per_step = np.sqrt(np.square(err).sum(axis=3)).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - self.cost_counts(policy, actions) @ self.costs
+        saved = ((self.block_seconds[runs] * reused).sum(axis=(1, 2, 3))
+                 - self.cost_counts(policy, actions, runs) @ self.costs)
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -259,7 +261,7 @@ class Replayer:
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()), tuple(float(v) for v in psnr[ok] - (a + b * x)))
 
-    def cost_counts(self, policy: PolicyConfig, actions: np.ndarray) -> np.ndarray:
+    def cost_counts(self, policy: PolicyConfig, actions: np.ndarray, runs: slice = slice(None)) -> np.ndarray:
         """(R, len(COST_TERMS)): how often each cost the hooks add beyond the blocks they run is paid.
 
         With warping on, every block computed from the step before the first possible reuse also
@@ -270,10 +272,11 @@ class Replayer:
         mapped = computed & warp_layers
         mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
         # the hook measures drift unless the recompute is forced: in warm-up, with no cache, or after
-        # max_consecutive_reuse reuses in a row (more than that many steps since the last computation)
+        # the reuse limit's reuses in a row (more than that many steps since the last computation)
         step = np.arange(self.steps)[:, None]
         before = previous_computation(computed, axis=2)
-        measured = computed & (before >= 0) & (step - before <= policy.max_consecutive_reuse)
+        limit = reuse_limit(policy, self.position[runs])[:, None, :, None]  # (R, 1, S, 1)
+        measured = computed & (before >= 0) & (step - before <= limit)
         measured[:, :, : policy.warm_up_steps] = False
         return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
                          (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),
@@ -284,7 +287,8 @@ class Replayer:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
         saved = np.array([float((self.block_seconds[run] * (r.actions[0] != RECOMPUTE)).sum())
                           for r, run in zip(results, runs)])
-        counts = np.concatenate([self.cost_counts(p, r.actions) for p, r in zip(policies, results)])
+        counts = np.concatenate([self.cost_counts(p, r.actions, slice(run, run + 1))
+                                 for p, r, run in zip(policies, results, runs)])
         excess = measured - (self.plain_seconds - saved)
         coef = np.zeros(len(COST_TERMS))
         timed = self.trace.meta.get("warp_seconds") or {}  # measured at profile time: held, not fit

@@ -71,7 +71,7 @@ class SearchSpace:
     def __init__(self, traces: list[Trace], base: Config) -> None:
         self.base = base
         self.lags = min(t.lags for t in traces)
-        steps = min(t.shape[2] for t in traces)
+        self.steps = steps = min(t.shape[2] for t in traces)
         # a third of the steps, but at least the enqueued schedules' warm-ups where the run is long enough
         self.max_warm_up = max(1, min(steps - 1, max(6, steps // 3)))
         self.quantiles = {}
@@ -110,6 +110,8 @@ class SearchSpace:
             motion_scale=trial.suggest_float("motion_scale", 0.0, 8.0),
             warm_up_steps=trial.suggest_int("warm_up_steps", 0, self.max_warm_up),
             max_consecutive_reuse=trial.suggest_int("max_consecutive_reuse", 1, self.lags),
+            late_start=trial.suggest_float("late_start", 0.5, 1.0),
+            late_max_consecutive_reuse=trial.suggest_int("late_max_consecutive_reuse", 1, self.lags),
             forecast=trial.suggest_float("forecast", 0.0, 1.0) if self.forecast else 0.0,
             forecast_curvature=trial.suggest_float("forecast_curvature", 0.0, 1.0) if self.forecast else 0.0,
             phase_breakpoints=(a, b),
@@ -122,18 +124,23 @@ class SearchSpace:
     def schedules(self) -> list[dict[str, Any]]:
         """Trials the search starts from: fixed reuse schedules with first- and second-order forecasting
         (TaylorSeer's shape; the curvature at half weight, a damped extrapolation) and without (FORA's),
-        every 2nd to 6th step after 1 to 6 warm-up steps. Drift-driven configs must beat
-        these to win, and a schedule is a corner (threshold at the largest drift) a sampler seldom lands on
-        by itself.
+        every 2nd to 6th step after 1 to 6 warm-up steps; and the first-order ones again with their last
+        five steps computed every 2nd or 3rd step (`late_start`, halfway between two steps' positions so
+        rounding cannot move it). Drift-driven configs must beat these to win, and a schedule is a corner
+        (threshold at the largest drift) a sampler seldom lands on by itself.
         """
+        late_start = (self.steps - 5.5) / (self.steps - 1) if self.steps > 6 else 1.0
         out = []
-        for interval, warm, (forecast, curvature) in itertools.product(
-                (2, 3, 4, 5, 6), (1, 2, 3, 4, 6), ((1.0, 0.5), (1.0, 0.0), (0.0, 0.0))):
+        for interval, warm, (forecast, curvature), late in itertools.product(
+                (2, 3, 4, 5, 6), (1, 2, 3, 4, 6), ((1.0, 0.5), (1.0, 0.0), (0.0, 0.0)), (0, 1, 2)):
             if warm > self.max_warm_up or interval - 1 > self.lags:  # outside the search space
                 continue
+            if late and (late >= interval - 1 or curvature or not forecast or late_start == 1.0):
+                continue  # no tighter than the schedule itself, or not a first-order forecast
             params = {"drift_metric": "cosine", "saliency_power": 1.0, "base_q": 1.0, "warp_frac": 0.0,
                       "phase_early": 1.0, "phase_late_share": 0.0, "sensitivity_strength": 0.0, "min_frac": 1.0,
-                      "motion_scale": 0.0, "warm_up_steps": warm, "max_consecutive_reuse": interval - 1}
+                      "motion_scale": 0.0, "warm_up_steps": warm, "max_consecutive_reuse": interval - 1,
+                      "late_start": late_start if late else 1.0, "late_max_consecutive_reuse": late or self.lags}
             if self.forecast:
                 params |= {"forecast": forecast, "forecast_curvature": curvature}
             elif forecast:

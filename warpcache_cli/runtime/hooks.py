@@ -135,13 +135,13 @@ class BlockHook(ModelHook):
         state = s.block_state(self.layer)
         sketch = x[:, s.subset(x.shape[1], x.device)]
         usable = state.sketch is not None and state.sketch.shape == sketch.shape
-        if s.step.step < cfg.warm_up_steps or state.reuse_run >= cfg.max_consecutive_reuse:
+        if s.step.step < cfg.warm_up_steps or state.reuse_run >= s.reuse_limit:
             usable = False  # a forced recompute: measuring drift would only cost time
         d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
         action = Action.RECOMPUTE
         if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
             t, w = s.ceilings(self.layer)
-            action = Action(int(choose(cfg, s.step.step, d, t, w, state.reuse_run)))
+            action = Action(int(choose(cfg, s.step.step, d, t, w, state.reuse_run, s.step.position)))
         keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
         cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
         if any(c is None for c in cached):

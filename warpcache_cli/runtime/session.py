@@ -16,7 +16,7 @@ import torch
 
 from warpcache_cli.config import Config
 from warpcache_cli.metrics import Metrics
-from warpcache_cli.policy import Action, ceilings, token_subset
+from warpcache_cli.policy import Action, ceilings, reuse_limit, token_subset
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.steps import StepInfo, StepTracker
 from warpcache_cli.store import FeatureStore
@@ -125,6 +125,7 @@ class CacheSession:
         self._motion: float | None = 0.0
         self._motion_fn: Callable[[], float] = lambda: 0.0
         self._ceilings: tuple[list[float], list[float]] | None = None
+        self.reuse_limit = config.policy.max_consecutive_reuse  # this call's (`policy.reuse_limit`)
         self.prediction: torch.Tensor | None = None  # last step's predicted clean video, for the motion estimate
         self.grid: Grid | None = None
         self.branch = "call0"
@@ -145,6 +146,7 @@ class CacheSession:
             self._motion, self._motion_fn = None, motion_fn
         self.step, self.grid = info, grid
         self._ceilings = None
+        self.reuse_limit = int(reuse_limit(self.config.policy, info.position))
 
     @property
     def motion(self) -> float:
