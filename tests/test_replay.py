@@ -61,20 +61,22 @@ def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_
     assert all(actions[branches.index(d.branch), d.step, d.layer] == d.action for d in session.stats.decisions)
 
 
-@pytest.mark.parametrize("threshold", [1e-12, 2.0])  # always over the drift: measured, then run; a schedule
+@pytest.mark.parametrize("threshold", [1e-12, 1.9, 2.0])  # measured, then run; measured, then reused; a schedule
 @pytest.mark.parametrize("late_start", [1.0, 0.5])
 def test_replay_counts_the_drift_measurements_the_live_hooks_make(builtin, small_trace, threshold, late_start):
     cfg = wc.Config.default().with_policy(base_threshold=threshold, min_threshold=threshold, warp_threshold=0.0,
-                                          warm_up_steps=2, max_consecutive_reuse=2, late_start=late_start,
+                                          phase_multipliers=(1.0, 1.0), warm_up_steps=2, max_consecutive_reuse=2,
+                                          late_start=late_start,
                                           late_max_consecutive_reuse=1, token_subset=small_trace.meta["token_subset"])
     session = wc.apply(builtin, cfg)
     generate(builtin, Request(PROMPTS[0], 0, STEPS))
     wc.remove(builtin)
-    live = sum(d.action == Action.RECOMPUTE and np.isfinite(d.drift) for d in session.stats.decisions)
+    live = [d for d in session.stats.decisions if np.isfinite(d.drift)]
     r = Replayer(small_trace)
     counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1))[0], slice(0, 1))
-    assert counts[0, 4] == live
-    assert (live > 0) == (threshold < 1.0)
+    assert counts[0, 4] == len(live)
+    assert (len(live) > 0) == (threshold < 2.0)
+    assert any(d.action == Action.REUSE for d in live) == (threshold == 1.9)
 
 
 def test_replay_estimates_order_configs_like_the_calibration(small_trace):
@@ -88,7 +90,12 @@ def test_replay_estimates_order_configs_like_the_calibration(small_trace):
     # the block time saved must hold whatever they are
     r.costs[:] = 0.0
     speed = [float(r.run(c.policy).speedup[0]) for c in configs]
-    assert speed == sorted(speed) and speed[-1] > 1.0
+    drift_driven = [v for i, v in enumerate(speed) if i % 3 != 2]  # every third is a fixed schedule
+    assert drift_driven == sorted(drift_driven) and speed[-1] > 1.0
+    # the schedule (every 3rd step after 2 warm-up) runs exactly the steps its period says, whatever the drift
+    actions = r.run(configs[2].policy).actions[0]
+    assert [s for s in range(STEPS) if (actions[:, s] == Action.RECOMPUTE).all()] == [0, 1, *range(4, STEPS, 3)]
+    assert ((actions == Action.RECOMPUTE).all(axis=(0, 2)) | (actions == Action.REUSE).all(axis=(0, 2))).all()
 
 
 def test_quality_model_keeps_how_far_each_calibration_run_fell_from_its_estimate(small_trace):

@@ -276,21 +276,26 @@ def test_motion_is_estimated_only_when_the_policy_uses_it(monkeypatch, motion_sc
     assert bool(calls) == estimated
 
 
-def test_drift_is_not_measured_when_the_schedule_forces_a_recompute(monkeypatch):
-    """After `max_consecutive_reuse` reuses the block recomputes whatever the drift: measuring it would only cost."""
+@pytest.mark.parametrize("threshold", [1.9, 2.0])  # above all real drift; at the cosine drift's bound
+def test_drift_is_measured_only_where_it_can_change_the_decision(monkeypatch, threshold):
+    """After `max_consecutive_reuse` reuses the block recomputes whatever the drift, and with both ceilings at
+    the largest cosine drift there can be (2) it is reused whatever the drift: measuring would only cost."""
     measured = []
     real = wc.runtime.hooks.drift
     monkeypatch.setattr(wc.runtime.hooks, "drift", lambda *a, **k: measured.append(1) or real(*a, **k))
     model, inputs = build("wan")
-    cfg = wc.Config.default().with_policy(base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0,
-                                          motion_scale=0.0, warm_up_steps=1, max_consecutive_reuse=1)
+    cfg = wc.Config.default().with_policy(base_threshold=threshold, min_threshold=threshold, warp_threshold=0.0,
+                                          motion_scale=0.0, phase_multipliers=(1.0, 1.0), warm_up_steps=1,
+                                          max_consecutive_reuse=1)
     session = wc.apply(model, cfg)
     denoise(model, inputs, steps=5)
     wc.remove(model)
     decisions = session.stats.decisions
     blocks = 1 + max(d.layer for d in decisions)
-    # step 0 warms up; then reuse and forced recompute alternate: only the reuses measured drift
+    # step 0 warms up; then reuse and forced recompute alternate, whether drift is measured or not
     assert [d.action for d in decisions if d.layer == 0] == [wc.Action.RECOMPUTE] + [
         wc.Action.REUSE, wc.Action.RECOMPUTE] * 2
-    assert len(measured) == sum(d.action == wc.Action.REUSE for d in decisions) == 2 * blocks
+    reuses = [d for d in decisions if d.action == wc.Action.REUSE]
+    assert len(measured) == (2 * blocks if threshold < 2.0 else 0) and len(reuses) == 2 * blocks
+    assert all(math.isfinite(d.drift) == (threshold < 2.0) for d in reuses)
     assert all(math.isinf(d.drift) for d in decisions if d.action == wc.Action.RECOMPUTE)

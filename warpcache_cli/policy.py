@@ -57,6 +57,21 @@ def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: i
     return t, w
 
 
+def drift_ceiling(metric: str) -> float:
+    """The largest drift `metric` can report: `1 - cos` lies in [0, 2], so a weighted mean of it does too;
+    relative L2 drift has no bound."""
+    return 2.0 if metric == "cosine" else np.inf
+
+
+def measures_drift(cfg: PolicyConfig, t: ArrayLike, w: ArrayLike) -> ArrayLike:
+    """Whether a block's decision depends on its drift. Not when both ceilings sit at or above the largest
+    drift the metric can report (a fixed schedule: the reuse limit alone decides, and what is not recomputed
+    is reused as it is), so the live hooks skip measuring it: on the built-in model the measurement costs
+    more than serving the reused block."""
+    bound = drift_ceiling(cfg.drift_metric)
+    return (np.asarray(t) < bound) | (np.asarray(w) < bound)
+
+
 def choose(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, w: ArrayLike, reuse_run: ArrayLike,
            position: ArrayLike) -> np.ndarray:
     """Reuse when the input barely moved, warp when it moved a little, recompute otherwise.

@@ -25,7 +25,7 @@ from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
-from warpcache_cli.policy import drift_from_dots, saliency_drift
+from warpcache_cli.policy import drift_ceiling, drift_from_dots, saliency_drift
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.session import CacheSession, Decision
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
@@ -526,10 +526,10 @@ def _warp_timing(x: torch.Tensor | None, grid: Grid, repeats: int = 20) -> dict[
 
 def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
     """Configs from mild to aggressive, with thresholds at quantiles of the recorded lag-1 drift, and every
-    third a fixed schedule (the threshold above all recorded drift), the shape tuned configs often take.
+    third a fixed schedule (the threshold at the largest drift there can be), the shape tuned configs often take.
 
-    The schedules are what lets the speed fit tell a drift measurement from a reuse: in drift-driven
-    runs nearly every call after warm-up is measured, whether it reuses or not.
+    The schedules are what lets the speed fit tell a drift measurement from a reuse: they measure none,
+    where drift-driven runs measure at nearly every call after warm-up, whether they reuse or not.
     """
     d = trace.arrays["drift"][0, :, 1:, :, 0, DRIFT_VARIANTS.index(("cosine", 1.0))]
     quantiles = np.linspace(0.3, 0.97, n)
@@ -537,7 +537,7 @@ def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
     for i, q in enumerate(quantiles):
         if i % 3 == 2:  # every 3rd, 4th, ... step, first-order forecast, then second-order
             k = i // 3
-            t, warp, forecast, curvature, reuse = float(np.nanmax(d)), 0.0, 1.0, 0.5 * (k % 2), 2 + k
+            t, warp, forecast, curvature, reuse = drift_ceiling("cosine"), 0.0, 1.0, 0.5 * (k % 2), 2 + k
         else:  # the quality model sees plain, warped and extrapolated reuse, first and second order
             t, warped = float(max(np.nanquantile(d, q), 1e-6)), i % 2 == 1
             warp, forecast, reuse = t / 2 if warped else 0.0, 0.0 if warped else 1.0, 2 + i

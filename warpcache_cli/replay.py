@@ -18,7 +18,17 @@ import numpy as np
 
 from warpcache_cli.config import Config, PolicyConfig
 from warpcache_cli.errors import WarpcacheError
-from warpcache_cli.policy import RECOMPUTE, REUSE, WARP, Action, ceilings, recomputes, reuse_limit, served
+from warpcache_cli.policy import (
+    RECOMPUTE,
+    REUSE,
+    WARP,
+    Action,
+    ceilings,
+    measures_drift,
+    recomputes,
+    reuse_limit,
+    served,
+)
 from warpcache_cli.trace import Trace, drift_variant
 
 # PSNR falls 20 dB per decade of injected error: output error grows in proportion to it. Only the
@@ -27,12 +37,11 @@ from warpcache_cli.trace import Trace, drift_variant
 # the median over the built-in model's 18 calibration runs in sample_traces/ (3 prompts x 6 configs).
 PSNR_SLOPE = -20.0
 PRIOR_PSNR_INTERCEPT = -7.3
-# what caching itself costs beyond the blocks it runs, each paid per one of these. A block whose drift is
-# measured and which then runs anyway pays for the measurement on top of the block: on the built-in model
-# about 0.45 ms against 0.3 ms for a reuse, so without this term configs that measure often (drift-driven)
-# and ones that seldom do (schedules) cannot both be priced (a fit without it put a schedule at 1.69x
-# that measured 2.40x)
-COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping", "block measured, then run")
+# what caching itself costs beyond the blocks it runs, each paid per one of these. Measuring a block's drift
+# is a cost of its own, whether the block is then reused or run: drift-driven configs measure at nearly every
+# call, fixed schedules never (`policy.measures_drift`), so without this term the two cannot both be priced
+# (a fit that folded it into the reuse put a schedule at 1.69x that measured 2.40x)
+COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping", "drift measured")
 
 
 @dataclass
@@ -271,12 +280,14 @@ class Replayer:
         warp_layers = ~np.isin(self.layers, policy.no_warp_layers) & (policy.warp_threshold > 0)
         mapped = computed & warp_layers
         mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
-        # the hook measures drift unless the recompute is forced: in warm-up, with no cache, or after
-        # the reuse limit's reuses in a row (more than that many steps since the last computation)
+        # the hook measures drift unless the recompute is forced (in warm-up, with no cache, or after the reuse
+        # limit's reuses in a row: more than that many steps since the last computation) or the ceilings are out
+        # of the drift's reach; a reused block was never forced
         step = np.arange(self.steps)[:, None]
         before = previous_computation(computed, axis=2)
         limit = reuse_limit(policy, self.position[runs])[:, None, :, None]  # (R, 1, S, 1)
-        measured = computed & (before >= 0) & (step - before <= limit)
+        t, w = ceilings(policy, self.motion[runs, None, :, None], self.position[runs, None, :, None], self.layers)
+        measured = (before >= 0) & (step - before <= limit) & measures_drift(policy, t, w)  # (R, Br, S, L)
         measured[:, :, : policy.warm_up_steps] = False
         return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
                          (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),

@@ -26,6 +26,7 @@ from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed, warm_up
 from warpcache_cli.models import Request
+from warpcache_cli.policy import drift_ceiling
 from warpcache_cli.replay import Replayer
 from warpcache_cli.sensitivity import recommended, sensitivity
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
@@ -85,14 +86,19 @@ class SearchSpace:
         self.forecast = all("res_dot" in t.arrays for t in traces)  # older traces cannot judge forecasting
 
     def threshold(self, variant: int, q: float) -> float:
+        """The drift at quantile q of the recorded ones; at q = 1 the largest the metric can report where it
+        has a bound (no drift forces a recompute then, live either, so the hooks need not measure it)."""
+        bound = drift_ceiling(DRIFT_VARIANTS[variant][0])
+        if q >= 1.0 and np.isfinite(bound):
+            return bound
         return float(min(2.0, max(1e-9, np.quantile(self.quantiles[variant], q))))
 
     def config(self, trial: optuna.trial.BaseTrial) -> Config:
         metric = trial.suggest_categorical("drift_metric", ["cosine", "l2"])
         power = trial.suggest_categorical("saliency_power", POWERS)
         variant = DRIFT_VARIANTS.index(("l2", 0.0) if metric == "l2" else ("cosine", power))
-        # up to the largest drift recorded: then the schedule alone (warm-up, max_consecutive_reuse, forecast)
-        # decides, as in FORA or TaylorSeer, which the search must be able to reach
+        # up to the largest drift recorded, and at the top beyond any drift: then the schedule alone (warm-up,
+        # max_consecutive_reuse, forecast) decides, as in FORA or TaylorSeer, which the search must be able to reach
         base = self.threshold(variant, trial.suggest_float("base_q", 0.02, 1.0))
         warp_frac = trial.suggest_float("warp_frac", 0.0, 1.0)
         a = trial.suggest_float("phase_start", 0.0, 0.6)

@@ -20,7 +20,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from torch import nn
 
 from warpcache_cli import motion
-from warpcache_cli.policy import Action, choose, drift
+from warpcache_cli.policy import Action, choose, drift, measures_drift
 from warpcache_cli.runtime.adapters import Adapter, BlockIO
 from warpcache_cli.runtime.session import BlockState, CacheSession, Decision
 from warpcache_cli.runtime.steps import timestep_value
@@ -133,15 +133,19 @@ class BlockHook(ModelHook):
         inputs = self._streams(named)
         x = inputs[0]
         state = s.block_state(self.layer)
-        sketch = x[:, s.subset(x.shape[1], x.device)]
+        sketch = x.index_select(1, s.subset(x.shape[1], x.device))
         usable = state.sketch is not None and state.sketch.shape == sketch.shape
         if s.step.step < cfg.warm_up_steps or state.reuse_run >= s.reuse_limit:
             usable = False  # a forced recompute: measuring drift would only cost time
-        d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if usable else math.inf
-        action = Action.RECOMPUTE
+        d, action = math.inf, Action.RECOMPUTE
         if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
             t, w = s.ceilings(self.layer)
-            action = Action(int(choose(cfg, s.step.step, d, t, w, state.reuse_run, s.step.position)))
+            # where no drift could change the answer it is not measured (NaN in the record) and the policy is
+            # asked with drift 0, which it answers as it would any drift the metric can report
+            measured = bool(measures_drift(cfg, t, w))
+            d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if measured else math.nan
+            action = Action(int(choose(cfg, s.step.step, d if measured else 0.0, t, w, state.reuse_run,
+                                       s.step.position)))
         keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
         cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
         if any(c is None for c in cached):
