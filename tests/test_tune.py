@@ -45,10 +45,20 @@ def test_candidates_near_the_budget_are_kept_only_for_measuring(small_trace):
     sure = tuner.candidates(study, 8)
     assert sure and all(c.est_psnr >= 32.0 for c in sure)
     wide = tuner.candidates(study, 8, band_db=3.0)
-    near = [c for c in wide if c.est_psnr < 32.0]
+    near = [c for c in wide if c.admitted == "band"]
     assert near, "no trial landed in the 29-32 dB band: the test's premise is gone"
-    assert all(c.est_psnr >= 29.0 and c.est_speedup > sure[0].est_speedup and c.below_estimate for c in near)
-    assert not any(c.below_estimate for c in wide if c.est_psnr >= 32.0)
+    assert all(29.0 <= c.est_psnr < 32.0 and c.est_speedup > sure[0].est_speedup and c.below_estimate for c in near)
+    assert all(c.admitted == "estimate" for c in wide if c.est_psnr >= 32.0)
+    # past the band, the schedule ladder: the next speeds up, each the best-estimated schedule at its speed
+    rungs = [c for c in wide if c.admitted == "ladder"]
+    assert rungs and all(c.est_psnr < 32.0 and c.est_speedup > max(n.est_speedup for n in near) for c in rungs)
+    schedules = [t for t in study.trials if t.user_attrs.get("schedule")]
+    for c in rungs:
+        alike = [t for t in schedules if round(t.user_attrs["est_speedup"], 3) == round(c.est_speedup, 3)]
+        assert c.est_psnr == max(t.user_attrs["est_psnr"] for t in alike)
+    faster = {round(t.user_attrs["est_speedup"], 3) for t in schedules} - {round(c.est_speedup, 3) for c in near}
+    assert sorted(round(c.est_speedup, 3) for c in rungs) == sorted(v for v in faster
+                                                                    if v > max(n.est_speedup for n in near))[:2]
     assert len(wide) <= 8 and sure[0].trial in {c.trial for c in wide}
     assert len({(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in near}) == len(near)
     assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)

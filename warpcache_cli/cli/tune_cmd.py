@@ -128,8 +128,8 @@ def tune_command(
                 c.est_psnr,
                 f"{c.measured_speedup:.2f}x" if c.measured else "-",
                 c.measured_psnr if c.measured else "-",
-                " ".join(w for w, on in (("chosen", c is result.chosen), ("(est. below budget)", c.below_estimate))
-                         if on),
+                " ".join(w for w, on in (("chosen", c is result.chosen),
+                                         (f"(est. below budget: {c.admitted})", c.below_estimate)) if on),
             ]
             for c in result.candidates
         ]
