@@ -18,7 +18,7 @@ from warpcache_cli.budget import Budget
 from warpcache_cli.cli.app import app
 from warpcache_cli.models import Request
 from warpcache_cli.replay import replay
-from warpcache_cli.tune import Tuner, tune
+from warpcache_cli.tune import Candidate, Tuner, choose_measured, tune
 
 runner = CliRunner()
 
@@ -75,7 +75,24 @@ def test_validation_drops_a_candidate_at_its_first_miss_and_keeps_the_fastest_wi
         assert all(p >= 32.0 for p in psnr[:-1])  # each further request only after meeting the budget on all before
     assert any(len(c.measured) < len(seeds) for c in result.candidates), "no candidate was dropped early"
     ok = [c for c in result.candidates if len(c.measured) == len(seeds) and c.measured_psnr >= 32.0]
-    assert result.chosen is (max(ok, key=lambda c: c.measured_speedup) if ok else None)
+    assert result.chosen is choose_measured(ok)
+    if ok:
+        fastest = max(ok, key=lambda c: c.measured_speedup)
+        assert result.chosen.measured_speedup == fastest.measured_speedup or (
+            result.chosen.est_speedup == pytest.approx(fastest.est_speedup, abs=1e-3)
+            and result.chosen.measured_psnr > fastest.measured_psnr)
+
+
+def test_among_candidates_doing_the_same_work_the_better_measured_quality_wins():
+    cfg = wc.Config.default()
+
+    def cand(trial: int, est: float, speed: float, psnr: float) -> Candidate:
+        return Candidate(cfg, trial, est, 30.0, 0.0, measured=[{"speedup": speed, "psnr": psnr}])
+
+    noisy_fast, same_work, other = cand(0, 2.59, 2.70, 30.6), cand(1, 2.59, 2.53, 33.5), cand(2, 2.40, 2.55, 36.0)
+    assert choose_measured([noisy_fast, same_work, other]) is same_work  # same steps computed: noise, not speed
+    assert choose_measured([noisy_fast, other]) is noisy_fast  # less work: the speed is real
+    assert choose_measured([]) is None
 
 
 def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):
