@@ -51,7 +51,8 @@ class Candidate:
     est_drift: float
     measured: list[dict[str, float]] = field(default_factory=list)
     # why it is measured: the estimate meets the budget ("estimate"), or misses it by less than the band ("band"),
-    # or it is the best-estimated fixed schedule at one of the next speeds up ("ladder")
+    # or it is the best-estimated fixed schedule at one of the next speeds up ("ladder"), or the runner-up of a
+    # schedule admitted so far at that schedule's speed ("same work")
     admitted: str = "estimate"
 
     @property
@@ -356,7 +357,7 @@ class Tuner:
         ladder = [group[0] for speed, group in sorted(groups.items()) if speed > floor][:LADDER_RUNGS]
         rungs = {t.number for t in ladder} if band_db > 0 else set()
         siblings = [u for t in picked + ladder if t.user_attrs.get("schedule") for u in groups[_speed(t)][:2]
-                    if u is not t][: k if band_db > 0 else 0]
+                    if u is not t] if band_db > 0 else []
         twins = {t.number for t in siblings} - {t.number for t in picked}
         seen = {_outcome(t) for t in picked}
         # places left over go to the next fastest feasible configs the headroom rule passed by
