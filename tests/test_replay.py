@@ -33,7 +33,7 @@ def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
     generate(builtin, Request(PROMPTS[0], 0, STEPS))
     wc.remove(builtin)
     live = session.stats.decisions  # execution order: step, branch, block
-    actions = Replayer(small_trace).decisions(cfg.policy)[0][0]  # run 0: (branch, step, layer)
+    actions = Replayer(small_trace).decisions(cfg.policy).actions[0]  # run 0: (branch, step, layer)
     branches = small_trace.meta["branches"]
     agree = [actions[branches.index(d.branch), d.step, d.layer] == d.action for d in live]
     first_reuse = next(i for i, d in enumerate(live) if d.action != Action.RECOMPUTE)
@@ -56,7 +56,7 @@ def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_
     computed = sorted({d.step for d in session.stats.decisions if d.action == Action.RECOMPUTE})
     late = [s for s in range(STEPS // 2, STEPS) if s in computed]
     assert computed[:2] == [0, 4] and np.diff(late).max() <= 2 < np.diff(computed).max()
-    actions = Replayer(small_trace).decisions(cfg.policy)[0][0]
+    actions = Replayer(small_trace).decisions(cfg.policy).actions[0]
     branches = small_trace.meta["branches"]
     assert all(actions[branches.index(d.branch), d.step, d.layer] == d.action for d in session.stats.decisions)
 
@@ -73,7 +73,7 @@ def test_replay_counts_the_drift_measurements_the_live_hooks_make(builtin, small
     wc.remove(builtin)
     live = [d for d in session.stats.decisions if np.isfinite(d.drift)]
     r = Replayer(small_trace)
-    counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1))[0], slice(0, 1))
+    counts = r.cost_counts(cfg.policy, r.decisions(cfg.policy, slice(0, 1)))
     assert counts[0, 4] == len(live)
     assert (len(live) > 0) == (threshold < 2.0)
     assert any(d.action == Action.REUSE for d in live) == (threshold == 1.9)
@@ -166,16 +166,18 @@ def test_config_reusing_beyond_the_recorded_lags_exits_2(small_trace, tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize(("weight", "curvature"), [(1.0, 0.0), (0.4, 0.0), (0.8, 0.5)])
-def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weight, curvature):
+# the last case reuses as long as the trace's lags allow: the forecast then reaches the Gram table's far end
+@pytest.mark.parametrize(("weight", "curvature", "lags"), [(1.0, 0.0, 8), (0.4, 0.0, 8), (0.8, 0.5, 8), (1.0, 0.0, 2)])
+def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weight, curvature, lags):
     # sketches as wide as the drift subset hold every residual the Gram table was built from
     trace = profile(builtin, [Request(PROMPTS[0], 0, 8)], model_id="builtin", tokens=32, sketch_tokens=32,
-                    calibrate=0)
+                    calibrate=0, lags=lags)
     rep = Replayer(trace)
     policy = wc.Config.default().with_policy(
         base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0, warm_up_steps=3,
         max_consecutive_reuse=2, token_subset=32, forecast=weight, forecast_curvature=curvature).policy
-    actions, _, lags, gaps, gaps2 = rep.decisions(policy)
+    dec = rep.decisions(policy)
+    lags, gaps, gaps2 = dec.lags, dec.gaps, dec.gaps2
     assert (lags[:, :, 3:] > 0).any() and (gaps[lags > 0] > 0).all() and (gaps2[lags > 0] > 0).all()
     r = trace.arrays["sketch_res"].astype(np.float64)  # (R, Br, S, L, B, K, C)
     out = r + trace.arrays["sketch_in"].astype(np.float64)

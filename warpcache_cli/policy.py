@@ -36,8 +36,10 @@ def phase_multiplier(
 def layer_multiplier(cfg: PolicyConfig, layer: int | np.ndarray) -> ArrayLike:
     if np.ndim(layer) == 0:
         return cfg.layer_multipliers.get(int(layer), 1.0)
-    flat = [cfg.layer_multipliers.get(int(i), 1.0) for i in np.ravel(layer)]
-    return np.asarray(flat, dtype=np.float64).reshape(np.shape(layer))
+    out = np.ones(np.shape(layer))
+    for block, value in cfg.layer_multipliers.items():
+        out[layer == block] = value
+    return out
 
 
 def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: int | np.ndarray
@@ -52,9 +54,14 @@ def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: i
     mult = layer_multiplier(cfg, layer)
     scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * mult
     t = np.where(mult == 0.0, -np.inf, np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale)
-    no_warp = np.isin(layer, cfg.no_warp_layers) | (cfg.warp_threshold == 0.0)  # 0 switches warping off
-    w = np.where(no_warp, t, np.minimum(cfg.warp_threshold * decay * scale, t))
+    w = np.where(warps(cfg, layer), np.minimum(cfg.warp_threshold * decay * scale, t), t)
     return t, w
+
+
+def warps(cfg: PolicyConfig, layer: int | np.ndarray) -> np.ndarray:
+    """Whether blocks may be warped: a warp threshold of 0 switches warping off, `no_warp_layers` per block."""
+    listed = (np.asarray(layer)[..., None] == np.asarray(cfg.no_warp_layers, dtype=np.intp)).any(axis=-1)
+    return ~listed & (cfg.warp_threshold > 0.0)
 
 
 def drift_ceiling(metric: str) -> float:
@@ -73,24 +80,25 @@ def measures_drift(cfg: PolicyConfig, t: ArrayLike, w: ArrayLike) -> ArrayLike:
 
 
 def choose(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, w: ArrayLike, reuse_run: ArrayLike,
-           position: ArrayLike) -> np.ndarray:
+           limit: ArrayLike) -> np.ndarray:
     """Reuse when the input barely moved, warp when it moved a little, recompute otherwise.
 
     `drift` is +inf where no usable cache exists; `reuse_run` is how many steps in a row the
-    block has already been served from cache; `position` the step's place in the schedule. Works on
-    scalars (the live hooks) and on arrays of blocks (the offline replay) alike.
+    block has already been served from cache; `limit` the step's `reuse_limit`, which callers compute
+    once per step, not per block. Works on scalars (the live hooks) and on arrays of blocks (the offline
+    replay) alike.
     """
-    return np.where(recomputes(cfg, step, drift, t, reuse_run, position), RECOMPUTE, served(drift, w))
+    return np.where(recomputes(cfg, step, drift, t, reuse_run, limit), RECOMPUTE, served(drift, w))
 
 
 def recomputes(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, reuse_run: ArrayLike,
-               position: ArrayLike) -> np.ndarray:
+               limit: ArrayLike) -> np.ndarray:
     """`choose`'s first half: whether the block runs. The reuse limit bounds error accumulation
     whatever the drift says. Apart because only this half feeds back into later steps: the replay
     calls it step by step and `served` once for the whole trajectory."""
     if step < cfg.warm_up_steps:
         return np.ones(np.shape(drift), dtype=bool)
-    return (drift > t) | (reuse_run >= reuse_limit(cfg, position))
+    return (drift > t) | (reuse_run >= limit)
 
 
 def reuse_limit(cfg: PolicyConfig, position: ArrayLike) -> ArrayLike:
@@ -124,7 +132,7 @@ def decide(
     """One block at one step, from scratch. The live hooks compute a call's ceilings for all blocks at
     once (`CacheSession.ceilings`) and then call `choose`, the replay does the same on arrays."""
     t, w = ceilings(cfg, motion, position, layer)
-    return Action(int(choose(cfg, step, drift if has_cache else np.inf, t, w, reuse_run, position)))
+    return Action(int(choose(cfg, step, drift if has_cache else np.inf, t, w, reuse_run, reuse_limit(cfg, position))))
 
 
 def token_subset(n_tokens: int, k: int, seed: int) -> torch.Tensor:

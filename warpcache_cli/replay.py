@@ -28,6 +28,7 @@ from warpcache_cli.policy import (
     recomputes,
     reuse_limit,
     served,
+    warps,
 )
 from warpcache_cli.trace import Trace, drift_variant
 
@@ -124,11 +125,8 @@ class Replayer:
             self._drift[v] = np.ascontiguousarray(np.moveaxis(np.concatenate([pad, d, pad], -1), 2, 0))
         return self._drift[v]
 
-    def decisions(self, policy: PolicyConfig, runs: slice = slice(None)
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Actions, drift seen, lag used, the gap between the two computations before it and the gap
-        between the two before that, each (R, Br, S, L), as the live hooks would decide; lag and gaps are 0
-        where the block was computed, a gap is 0 too where no earlier computation exists.
+    def decisions(self, policy: PolicyConfig, runs: slice = slice(None)) -> Decisions:
+        """What the live hooks would do at every run, branch, step and block.
 
         All runs, branches and blocks advance together, one step at a time, so a replay costs a
         few dozen array operations per step whatever the model's size.
@@ -137,52 +135,56 @@ class Replayer:
         table = self.drift_table(policy)[:, runs]
         _, r, br, lyr, width = table.shape
         n = r * br * lyr
+        shape = (self.steps, r, br, lyr)
         flat = table.reshape(self.steps, n * width)
         base = np.arange(n) * width + 1  # row starts in a step's flattened table, plus one: lag = run + 1
-        t_all, w_all = ceilings(policy, self.motion[runs, :, None, None], self.position[runs, :, None, None],
-                                self.layers)  # (R, S, 1, L)
-        t_all = np.broadcast_to(np.moveaxis(t_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
-        w_all = np.broadcast_to(np.moveaxis(w_all, 1, 0), (self.steps, r, br, lyr)).reshape(self.steps, -1)
-        pos_all = np.broadcast_to(self.position[runs].T[:, :, None], (self.steps, r, br * lyr)).reshape(self.steps, -1)
-        # reuses in a row since the last computation; the lag to it is one more. The run starts at the
-        # table's "no cache" column (+inf drift), and `max_consecutive_reuse <= lags` keeps it below
+        position = self.position[runs].T[:, :, None, None]  # (S, R, 1, 1)
+        t, w = ceilings(policy, self.motion[runs].T[:, :, None, None], position, self.layers)  # (S, R, 1, L)
+        t_all, w_all, limit = (np.broadcast_to(x, shape).reshape(self.steps, -1)
+                               for x in (t, w, reuse_limit(policy, position)))
+        # reuses in a row since the last computation, as each step begins; the lag to it is one more. The run
+        # starts at the table's "no cache" column (+inf drift), and `max_consecutive_reuse <= lags` keeps it below
         run = np.full(n, width - 2)
+        runs_in = np.empty((self.steps, n), dtype=np.intp)
         computed = np.empty((self.steps, n), dtype=bool)
-        seen = np.empty((self.steps, n))
-        for s in range(self.steps):  # only whether a block runs feeds back into later steps
-            d = flat[s].take(base + run)
-            rec = recomputes(policy, s, d, t_all[s], run, pos_all[s])
-            computed[s], seen[s] = rec, d
-            run = np.where(rec, 0, run + 1)
+        for s, (row, ceiling, lim) in enumerate(zip(flat, t_all, limit)):  # only whether a block runs feeds back
+            runs_in[s] = run
+            rec = recomputes(policy, s, row.take(base + run), ceiling, run, lim)
+            computed[s] = rec
+            run += 1
+            run[rec] = 0
+        seen = np.take_along_axis(flat, base + runs_in, axis=1)
         actions = np.where(computed, RECOMPUTE, served(seen, w_all))
         # the last three computations before each step: c = s - lag, p before c, q before p (-1: none)
         step = np.arange(self.steps)[:, None]
-        before = previous_computation(computed, axis=0)
+        before = np.maximum(step - 1 - runs_in, -1)  # only step 0 starts with no cache, and it always computes
 
         def earlier(at: np.ndarray) -> np.ndarray:
             return np.where(at > 0, np.take_along_axis(before, np.maximum(at, 0), axis=0), -1)
 
-        c = before  # for reused steps, their last computation
-        lags = step - c
-        p = earlier(c)
+        p = earlier(before)
         q = earlier(p)
-        gaps = np.where(p >= 0, c - p, 0)
-        gaps2 = np.where(q >= 0, p - q, 0)
-        shape = (self.steps, r, br, lyr)
+        # the hook measures drift unless the recompute is forced (in warm-up, with no cache, or after the reuse
+        # limit's reuses in a row) or the ceilings are out of the drift's reach
+        measured = (runs_in < limit) & measures_drift(policy, t_all, w_all)
+        measured[: policy.warm_up_steps] = False
 
-        def back(x: np.ndarray) -> np.ndarray:
-            return np.where(computed, 0, x).reshape(shape).transpose(1, 2, 0, 3)
+        def out(x: np.ndarray, where_computed: Any = None) -> np.ndarray:
+            if where_computed is not None:
+                x = np.where(computed, where_computed, x)
+            return x.reshape(shape).transpose(1, 2, 0, 3)
 
-        return (actions.reshape(shape).transpose(1, 2, 0, 3), seen.reshape(shape).transpose(1, 2, 0, 3),
-                back(lags), back(gaps), back(gaps2))
+        return Decisions(out(actions), out(seen), out(step - before, 0), out(np.where(p >= 0, before - p, 0), 0),
+                         out(np.where(q >= 0, p - q, 0), 0), out(measured))
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
-        actions, seen, lags, gaps, gaps2 = self.decisions(policy, runs)
+        dec = self.decisions(policy, runs)
+        actions = dec.actions
         reused = actions != RECOMPUTE
         if policy.forecast > 0 or policy.forecast_curvature > 0:
-            err = self._forecast_err(policy.forecast, policy.forecast_curvature, lags, gaps, gaps2, runs)
+            err = self._forecast_err(policy.forecast, policy.forecast_curvature, dec.lags, dec.gaps, dec.gaps2, runs)
         else:
-            idx = np.clip(lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
+            idx = np.clip(dec.lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
             err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
         err = np.where(actions == WARP, err * self.warp_ratio[runs], err)
         err = np.where(reused, err, 0.0)
@@ -193,10 +195,10 @@ class Replayer:
         # drift-driven configs favoured the linear sum (2.10 against 2.60 dB)
         per_step = np.sqrt(np.square(err).sum(axis=3)).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        saved = ((self.block_seconds[runs] * reused).sum(axis=(1, 2, 3))
-                 - self.cost_counts(policy, actions, runs) @ self.costs)
+        counts = self.cost_counts(policy, dec)
+        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - counts @ self.costs
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
-        drift_acc = np.where(reused, seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
+        drift_acc = np.where(reused, dec.seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
             actions=actions,
             error=error,
@@ -204,6 +206,7 @@ class Replayer:
             drift=drift_acc,
             psnr=self.quality.psnr(error) if self.quality else np.full(len(error), np.nan),
             ssim=self.quality.ssim(error) if self.quality else np.full(len(error), np.nan),
+            cost_counts=counts,
         )
 
     def _forecast_err(self, weight: float, curvature: float, lags: np.ndarray, gaps: np.ndarray,
@@ -223,8 +226,8 @@ class Replayer:
         dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
         r, br, steps, lyr, span = dots.shape
         flat = dots.reshape(-1)
-        ri, bi, si, li = np.ogrid[:r, :br, :steps, :lyr]
-        rows = (ri * br + bi) * steps  # flat indices into dots: one take each, not a four-array gather
+        si, li = np.arange(steps)[:, None], np.arange(lyr)  # (not np.ogrid: it costs as much as the arithmetic)
+        rows = (np.arange(r * br) * steps).reshape(r, br, 1, 1)  # flat indices into dots: one take each
 
         def at(step: np.ndarray) -> np.ndarray:  # where <r_step, r_step> sits
             return ((rows + step) * lyr + li) * span
@@ -272,36 +275,25 @@ class Replayer:
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
         return QualityModel(a, b, c, d, int(ok.sum()), tuple(float(v) for v in psnr[ok] - (a + b * x)))
 
-    def cost_counts(self, policy: PolicyConfig, actions: np.ndarray, runs: slice = slice(None)) -> np.ndarray:
+    def cost_counts(self, policy: PolicyConfig, dec: Decisions) -> np.ndarray:
         """(R, len(COST_TERMS)): how often each cost the hooks add beyond the blocks they run is paid.
 
         With warping on, every block computed from the step before the first possible reuse also
         maps its input for a later warp, whether or not a warp follows.
         """
-        computed = actions == RECOMPUTE
-        warp_layers = ~np.isin(self.layers, policy.no_warp_layers) & (policy.warp_threshold > 0)
-        mapped = computed & warp_layers
+        actions = dec.actions
+        mapped = (actions == RECOMPUTE) & warps(policy, self.layers)
         mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
-        # the hook measures drift unless the recompute is forced (in warm-up, with no cache, or after the reuse
-        # limit's reuses in a row: more than that many steps since the last computation) or the ceilings are out
-        # of the drift's reach; a reused block was never forced
-        step = np.arange(self.steps)[:, None]
-        before = previous_computation(computed, axis=2)
-        limit = reuse_limit(policy, self.position[runs])[:, None, :, None]  # (R, 1, S, 1)
-        t, w = ceilings(policy, self.motion[runs, None, :, None], self.position[runs, None, :, None], self.layers)
-        measured = (before >= 0) & (step - before <= limit) & measures_drift(policy, t, w)  # (R, Br, S, L)
-        measured[:, :, : policy.warm_up_steps] = False
         return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
                          (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),
-                         measured.sum(axis=(1, 2, 3))], axis=1)
+                         dec.measured.sum(axis=(1, 2, 3))], axis=1)
 
     def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
                    measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
         saved = np.array([float((self.block_seconds[run] * (r.actions[0] != RECOMPUTE)).sum())
                           for r, run in zip(results, runs)])
-        counts = np.concatenate([self.cost_counts(p, r.actions, slice(run, run + 1))
-                                 for p, r, run in zip(policies, results, runs)])
+        counts = np.concatenate([r.cost_counts for r in results])
         excess = measured - (self.plain_seconds - saved)
         coef = np.zeros(len(COST_TERMS))
         timed = self.trace.meta.get("warp_seconds") or {}  # measured at profile time: held, not fit
@@ -319,14 +311,17 @@ class Replayer:
         return coef
 
 
-def previous_computation(computed: np.ndarray, axis: int) -> np.ndarray:
-    """For each step along `axis`, the last step strictly before it at which the block was computed (-1: none)."""
-    shape = [1] * computed.ndim
-    shape[axis] = computed.shape[axis]
-    step = np.arange(computed.shape[axis]).reshape(shape)
-    last = np.maximum.accumulate(np.where(computed, step, -1), axis=axis)  # at or before each step
-    none = np.full_like(np.take(last, [0], axis=axis), -1)
-    return np.concatenate([none, np.delete(last, -1, axis=axis)], axis=axis)
+@dataclass
+class Decisions:
+    """A replay's decisions, each (R, Br, S, L). Lag and gaps are 0 where the block was computed; a gap is 0
+    too where no earlier computation exists."""
+
+    actions: np.ndarray  # int8 Action values
+    seen: np.ndarray  # the drift the hook would measure (+inf with no cache)
+    lags: np.ndarray  # steps since the last computation, c = s - lag
+    gaps: np.ndarray  # between the last computation and the one before it, p = c - gap
+    gaps2: np.ndarray  # between p and the computation before it
+    measured: np.ndarray  # bool: whether the hook pays for measuring the drift
 
 
 @dataclass
@@ -337,6 +332,7 @@ class ReplayResult:
     drift: np.ndarray  # (R,) accumulated drift of reused blocks, per block and branch
     psnr: np.ndarray  # (R,) estimated, dB; NaN without calibration
     ssim: np.ndarray  # (R,) estimated
+    cost_counts: np.ndarray  # (R, len(COST_TERMS)): `Replayer.cost_counts`
 
     def counts(self) -> dict[str, int]:
         return {a.name.lower(): int((self.actions == a).sum()) for a in Action}

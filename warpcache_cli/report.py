@@ -106,7 +106,7 @@ def decision_map_figure(decisions: np.ndarray, path: Path, title: str) -> Path:
 def replayed_decisions(trace: Trace, config: Config) -> np.ndarray:
     """(blocks, steps) actions the config takes on the trace's run 0, first branch, as the live hooks would."""
     check_compatible(trace, config)
-    actions = Replayer(trace).decisions(config.policy, slice(0, 1))[0]
+    actions = Replayer(trace).decisions(config.policy, slice(0, 1)).actions
     return actions[0, 0].T
 
 

@@ -145,7 +145,7 @@ class BlockHook(ModelHook):
             measured = bool(measures_drift(cfg, t, w))
             d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if measured else math.nan
             action = Action(int(choose(cfg, s.step.step, d if measured else 0.0, t, w, state.reuse_run,
-                                       s.step.position)))
+                                       s.reuse_limit)))
         keys = [FeatureKey(s.request_id(k), self.layer, state.computed_step) for k in range(len(inputs))]
         cached = [s.store.get(k) for k in keys] if action != Action.RECOMPUTE else []
         if any(c is None for c in cached):
