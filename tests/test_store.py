@@ -117,6 +117,15 @@ def test_expired_entries_go_before_live_ones():
     assert store.stats().evictions == 0
 
 
+def test_an_unbounded_store_drops_expired_entries_no_lookup_asks_for():
+    clock = FakeClock()
+    store = FeatureStore(ttl=10.0, clock=clock)
+    store.put(FeatureKey("r", 0, 0), tensor_of(8))
+    clock.now += 11
+    store.put(FeatureKey("r", 1, 0), tensor_of(8))
+    assert len(store) == 1 and store.nbytes == 8 and store.stats().expirations == 1
+
+
 def test_invalidate_and_get_prev():
     store = FeatureStore()
     for step in range(3):
