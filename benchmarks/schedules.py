@@ -12,11 +12,18 @@ bench prompts against the uncached output, the fraction of block calls computed 
 bounds the speedup), and warpcache's measured speedup (median over the prompts of the ratio of
 median uncached and cached wall times, interleaved; PSNR does not depend on machine load, the
 speedup does).
+
+    python benchmarks/schedules.py --seeds 1003 1004 --computed 8
+
+instead tries every schedule of this family that computes 8 steps (1 to 3 warm-up steps, every 4th to
+7th step, the steps from a late start on every 2nd to 4th; first-order forecast) and prints each one's
+PSNR only, best minimum first: whether any way of spending that much compute holds a PSNR budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 import torch
@@ -26,6 +33,7 @@ from warpcache_cli import quality
 from warpcache_cli.bench import taylorseer_config
 from warpcache_cli.measure import measure
 from warpcache_cli.models import Request, generate, load_model
+from warpcache_cli.policy import recomputes, reuse_limit
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
 # (interval, warm-up, forecast, forecast_curvature, late: the last five steps' reuse limit, 0 for none)
@@ -40,19 +48,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[5000])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; the speedup is their medians' ratio")
+    ap.add_argument("--computed", type=int, help="try every schedule computing this many steps (PSNR only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_model("builtin")
     requests = [Request(p, s, args.steps) for p in PROMPTS for s in args.seeds]
     references = [generate(pipe, r) for r in requests]
+    if args.computed:
+        sweep(pipe, requests, references, args.steps, args.computed)
+        return
     print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'curv.':>5} {'late':>4} {'mean PSNR':>9} {'min PSNR':>8} "
           f"{'computed':>8} {'speedup':>7}")
-    late_start = (args.steps - 5.5) / (args.steps - 1)  # the last five steps, as the tuner's enqueued schedules
     for interval, warm, forecast, curvature, late in SCHEDULES:
-        config = wc.Config.default().with_policy(
-            base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0, phase_multipliers=(1.0, 1.0),
-            warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast, forecast_curvature=curvature,
-            late_start=late_start if late else 1.0, late_max_consecutive_reuse=late or interval - 1)
+        # the last five steps, as the tuner's enqueued schedules
+        config = schedule(args.steps, warm, interval, args.steps - 5 if late else args.steps, late + 1, forecast,
+                          curvature)
         runs = [measure(pipe, config, req, args.repeats) for req in requests]
         psnr = [m.quality["psnr"] for m in runs]
         print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {curvature:>5.1f} {late or '-':>4} {np.mean(psnr):>9.2f} "
@@ -72,6 +82,55 @@ def main() -> None:
         print(f"{'TaylorSeer ' + str(interval):>8} {warm:>7} {'order ' + str(order):>8} {'':>5} {'':>4} "
               f"{np.mean(psnr):>9.2f} {np.min(psnr):>8.2f} "
               f"{computed:>8.3f}")
+
+
+def schedule(steps: int, warm: int, interval: int, late_step: int, late: int, forecast: float = 1.0,
+             curvature: float = 0.0) -> wc.Config:
+    """Every `interval`-th step after `warm` warm-up steps, every `late`-th from step `late_step` on (none at
+    `steps`): thresholds out of reach, so only the schedule decides."""
+    late_on = late_step < steps
+    return wc.Config.default().with_policy(
+        base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0, phase_multipliers=(1.0, 1.0),
+        warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast, forecast_curvature=curvature,
+        late_start=(late_step - 0.5) / (steps - 1) if late_on else 1.0,
+        late_max_consecutive_reuse=late - 1 if late_on else interval - 1)
+
+
+def computed_steps(config: wc.Config, steps: int) -> list[int]:
+    """The steps a schedule computes, by the policy's own rule (drift never reaches the thresholds)."""
+    out, run = [], 0
+    for s in range(steps):
+        p = config.policy
+        if recomputes(p, s, 0.0, p.base_threshold, run, reuse_limit(p, s / (steps - 1))):
+            out.append(s)
+            run = 0
+        else:
+            run += 1
+    return out
+
+
+def sweep(pipe, requests: list[Request], references: list[np.ndarray], steps: int, n: int) -> None:
+    found: dict[tuple[int, ...], wc.Config] = {}
+    for warm, interval, late_step, late in itertools.product(range(1, 4), range(4, 8), range(steps // 2, steps + 1),
+                                                             range(2, 5)):
+        config = schedule(steps, warm, interval, late_step, late)
+        at = tuple(computed_steps(config, steps))
+        if len(at) == n:
+            found.setdefault(at, config)
+    rows = []
+    for at, config in found.items():
+        psnr = []
+        for req, ref in zip(requests, references):
+            wc.apply(pipe, config)
+            try:
+                psnr.append(quality.psnr(generate(pipe, req), ref))
+            finally:
+                wc.remove(pipe)
+        rows.append((min(psnr), float(np.mean(psnr)), at))
+    print(f"{len(found)} schedules computing {n} of {steps} steps, first-order forecast")
+    print(f"{'min PSNR':>8} {'mean PSNR':>9}  computed steps")
+    for low, mean, at in sorted(rows, reverse=True):
+        print(f"{low:>8.2f} {mean:>9.2f}  {list(at)}")
 
 
 if __name__ == "__main__":
