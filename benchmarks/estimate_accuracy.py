@@ -22,9 +22,9 @@ import optuna
 import torch
 
 import warpcache_cli as wc
-from warpcache_cli import quality
 from warpcache_cli.budget import Budget
-from warpcache_cli.models import Request, generate, load_model
+from warpcache_cli.measure import cached_psnr
+from warpcache_cli.models import Request, load_model
 from warpcache_cli.replay import Replayer
 from warpcache_cli.trace import Trace
 from warpcache_cli.tune import Tuner
@@ -50,22 +50,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def measure_all(pipe, configs: list[wc.Config], requests: list[Request]) -> list[list[float]]:
-    """PSNR of each config on each request against the uncached output."""
-    refs = [generate(pipe, r) for r in requests]
-    out = []
-    for cfg in configs:
-        psnrs = []
-        for req, ref in zip(requests, refs):
-            wc.apply(pipe, cfg)
-            try:
-                psnrs.append(quality.psnr(generate(pipe, req), ref))
-            finally:
-                wc.remove(pipe)
-        out.append(psnrs)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+", type=Path)
@@ -89,7 +73,7 @@ def main() -> None:
         configs = spread_configs(tuner, tuner.search(400, seed=0), args.configs)
         requests = [Request(p, s, t.meta["steps"], t.meta["guidance"]) for t in traces for p in dict.fromkeys(
             t.meta["prompts"]) for s in args.seeds]
-        measured = measure_all(load_model(traces[0].model), configs, requests)
+        measured = cached_psnr(load_model(traces[0].model), configs, requests)
     est, meas, rows = [], [], []
     print(f"{'config':>6} {'est PSNR':>9} {'measured':>9} {'est speedup':>11}")
     for i, (cfg, psnrs) in enumerate(zip(configs, measured)):

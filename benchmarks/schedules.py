@@ -31,7 +31,7 @@ import torch
 import warpcache_cli as wc
 from warpcache_cli import quality
 from warpcache_cli.bench import taylorseer_config
-from warpcache_cli.measure import measure
+from warpcache_cli.measure import cached_psnr, measure
 from warpcache_cli.models import Request, generate, load_model
 from warpcache_cli.policy import recomputes, reuse_limit
 
@@ -53,10 +53,10 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = load_model("builtin")
     requests = [Request(p, s, args.steps) for p in PROMPTS for s in args.seeds]
-    references = [generate(pipe, r) for r in requests]
     if args.computed:
-        sweep(pipe, requests, references, args.steps, args.computed)
+        sweep(pipe, requests, args.steps, args.computed)
         return
+    references = [generate(pipe, r) for r in requests]
     print(f"{'interval':>8} {'warm-up':>7} {'forecast':>8} {'curv.':>5} {'late':>4} {'mean PSNR':>9} {'min PSNR':>8} "
           f"{'computed':>8} {'speedup':>7}")
     for interval, warm, forecast, curvature, late in SCHEDULES:
@@ -109,7 +109,7 @@ def computed_steps(config: wc.Config, steps: int) -> list[int]:
     return out
 
 
-def sweep(pipe, requests: list[Request], references: list[np.ndarray], steps: int, n: int) -> None:
+def sweep(pipe, requests: list[Request], steps: int, n: int) -> None:
     found: dict[tuple[int, ...], wc.Config] = {}
     for warm, interval, late_step, late in itertools.product(range(1, 4), range(4, 8), range(steps // 2, steps + 1),
                                                              range(2, 5)):
@@ -117,16 +117,8 @@ def sweep(pipe, requests: list[Request], references: list[np.ndarray], steps: in
         at = tuple(computed_steps(config, steps))
         if len(at) == n:
             found.setdefault(at, config)
-    rows = []
-    for at, config in found.items():
-        psnr = []
-        for req, ref in zip(requests, references):
-            wc.apply(pipe, config)
-            try:
-                psnr.append(quality.psnr(generate(pipe, req), ref))
-            finally:
-                wc.remove(pipe)
-        rows.append((min(psnr), float(np.mean(psnr)), at))
+    rows = [(min(psnr), float(np.mean(psnr)), at)
+            for at, psnr in zip(found, cached_psnr(pipe, list(found.values()), requests))]
     print(f"{len(found)} schedules computing {n} of {steps} steps, first-order forecast")
     print(f"{'min PSNR':>8} {'mean PSNR':>9}  computed steps")
     for low, mean, at in sorted(rows, reverse=True):

@@ -11,6 +11,8 @@ from torch import nn
 
 import warpcache_cli as wc
 from warpcache_cli.errors import ModelError
+from warpcache_cli.measure import cached_psnr
+from warpcache_cli.models import Request, generate
 from warpcache_cli.runtime.adapters import find_blocks
 
 NEVER = wc.Config.default().with_policy(warm_up_steps=1000)
@@ -299,3 +301,11 @@ def test_drift_is_measured_only_where_it_can_change_the_decision(monkeypatch, th
     assert len(measured) == (2 * blocks if threshold < 2.0 else 0) and len(reuses) == 2 * blocks
     assert all(math.isfinite(d.drift) == (threshold < 2.0) for d in reuses)
     assert all(math.isinf(d.drift) for d in decisions if d.action == wc.Action.RECOMPUTE)
+
+
+def test_cached_psnr_is_exact_without_reuse_and_leaves_the_model_unhooked(builtin):
+    requests = [Request(seed=0, steps=4), Request(seed=1, steps=4)]
+    before = generate(builtin, requests[1])
+    (exact, other_seed), (reusing, _) = cached_psnr(builtin, [NEVER, AGGRESSIVE], requests)
+    assert math.isinf(exact) and math.isinf(other_seed) and 5 < reusing < 60
+    assert (generate(builtin, requests[1]) == before).all()

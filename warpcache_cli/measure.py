@@ -99,3 +99,20 @@ def measure(
         reference=reference,
         decision_map=session.stats.decision_map(),
     )
+
+
+def cached_psnr(pipe: Any, configs: list[Config], requests: list[Request]) -> list[list[float]]:
+    """PSNR of each config's output on each request against the uncached output, untimed: for studies of
+    quality alone, which do not need the repeats and warm-up that a speedup does."""
+    references = [generate(pipe, r) for r in requests]
+    out = []
+    for config in configs:
+        psnrs = []
+        for req, ref in zip(requests, references):
+            runtime.apply(pipe, config)
+            try:
+                psnrs.append(quality.psnr(generate(pipe, req), ref))
+            finally:
+                runtime.remove(pipe)
+        out.append(psnrs)
+    return out
