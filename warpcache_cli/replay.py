@@ -262,7 +262,7 @@ class Replayer:
         policies = [Config.from_dict(c).policy for c in cal["configs"]]
         results = [self.run(p, slice(r, r + 1)) for p, r in zip(policies, runs)]
         if cal.get("seconds"):
-            self.costs = self._fit_costs(policies, results, runs, np.asarray(cal["seconds"], np.float64))
+            self.costs = self._fit_costs(results, runs, np.asarray(cal["seconds"], np.float64))
         errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
@@ -288,8 +288,7 @@ class Replayer:
                          (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),
                          dec.measured.sum(axis=(1, 2, 3))], axis=1)
 
-    def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
-                   measured: np.ndarray) -> np.ndarray:
+    def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
         saved = np.array([float((self.block_seconds[run] * (r.actions[0] != RECOMPUTE)).sum())
                           for r, run in zip(results, runs)])
