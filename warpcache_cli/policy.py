@@ -38,7 +38,8 @@ def layer_multiplier(cfg: PolicyConfig, layer: int | np.ndarray) -> ArrayLike:
         return cfg.layer_multipliers.get(int(layer), 1.0)
     out = np.ones(np.shape(layer))
     for block, value in cfg.layer_multipliers.items():
-        out[layer == block] = value
+        if value != 1.0:  # tuned configs list every block, most at 1
+            out[layer == block] = value
     return out
 
 
