@@ -117,6 +117,17 @@ def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):
     assert cfg.policy.token_subset == small_trace.meta["token_subset"]
 
 
+def test_validation_covers_extra_prompts_once(small_trace, tmp_path):
+    new, profiled = "a yellow circle moving left fast", small_trace.meta["prompts"][0]
+    res = runner.invoke(app, ["tune", str(small_trace.path), "--min-psnr", "10", "--trials", "30", "--top-k", "1",
+                              "--validation-seeds", "7", "--validation-prompt", new, "--validation-prompt", profiled,
+                              "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    measured = json.loads(res.stdout)["chosen"]["measured"]
+    assert [m["prompt"] for m in measured] == [*dict.fromkeys(small_trace.meta["prompts"]), new]
+    assert {m["seed"] for m in measured} == {7}
+
+
 def test_impossible_budget_says_so_and_reports_the_closest(small_trace, tmp_path):
     res = runner.invoke(app, ["tune", str(small_trace.path), "--min-psnr", "99", "--trials", "30", "--no-validate",
                               "--out", str(tmp_path)])

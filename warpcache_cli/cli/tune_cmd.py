@@ -57,6 +57,9 @@ def tune_command(
     model: Annotated[str | None, typer.Option(help="model to validate on (default: the trace's)")] = None,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="run top candidates for real")] = True,
     validation_seeds: Annotated[str | None, typer.Option(help="seeds for validation, e.g. 1001,1002")] = None,
+    validation_prompt: Annotated[list[str] | None, typer.Option(
+        help="validate on this prompt too, besides the traces' (repeat for several): the budget holds on the "
+             "prompts validated, not on every prompt")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 12,
     band: Annotated[float | None, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
                                                "below --min-psnr (default: from the calibration runs' "
@@ -85,7 +88,8 @@ def tune_command(
             if model is not None:
                 raise
             err_console.print(f"[yellow]not validating: the trace's model cannot be loaded here ({exc})")
-        requests = validation_requests(loaded, parse_seeds(validation_seeds) if validation_seeds else None)
+        requests = validation_requests(loaded, parse_seeds(validation_seeds) if validation_seeds else None,
+                                       validation_prompt or ())
     with progress(json_out) as bar:
         search = bar.add_task("searching (offline replay)", total=trials)
         check = bar.add_task("validating on the model", total=len(requests) * (1 + top_k), visible=False)
