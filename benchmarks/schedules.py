@@ -98,9 +98,8 @@ def schedule(steps: int, warm: int, interval: int, late_step: int, late: int, fo
 
 def computed_steps(config: wc.Config, steps: int) -> list[int]:
     """The steps a schedule computes, by the policy's own rule (drift never reaches the thresholds)."""
-    out, run = [], 0
+    out, run, p = [], 0, config.policy
     for s in range(steps):
-        p = config.policy
         if recomputes(p, s, 0.0, p.base_threshold, run, reuse_limit(p, s / (steps - 1))):
             out.append(s)
             run = 0

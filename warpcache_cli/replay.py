@@ -153,7 +153,7 @@ class Replayer:
             computed[s] = rec
             run += 1
             run[rec] = 0
-        seen = np.take_along_axis(flat, base + runs_in, axis=1)
+        seen = np.take_along_axis(flat, base + runs_in, axis=1)  # the loop's drifts again: one gather, not 50 stores
         actions = np.where(computed, RECOMPUTE, served(seen, w_all))
         # the last three computations before each step: c = s - lag, p before c, q before p (-1: none)
         step = np.arange(self.steps)[:, None]
