@@ -36,11 +36,8 @@ def phase_multiplier(
 def layer_multiplier(cfg: PolicyConfig, layer: int | np.ndarray) -> ArrayLike:
     if np.ndim(layer) == 0:
         return cfg.layer_multipliers.get(int(layer), 1.0)
-    out = np.ones(np.shape(layer))
-    for block, value in cfg.layer_multipliers.items():
-        if value != 1.0:  # tuned configs list every block, most at 1
-            out[layer == block] = value
-    return out
+    get = cfg.layer_multipliers.get  # block indices are few: a look-up each beats a mask per listed block
+    return np.array([get(i, 1.0) for i in np.ravel(layer).tolist()]).reshape(np.shape(layer))
 
 
 def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: int | np.ndarray
@@ -55,14 +52,17 @@ def ceilings(cfg: PolicyConfig, motion: ArrayLike, position: ArrayLike, layer: i
     mult = layer_multiplier(cfg, layer)
     scale = phase_multiplier(position, cfg.phase_breakpoints, cfg.phase_multipliers) * mult
     t = np.where(mult == 0.0, -np.inf, np.maximum(cfg.min_threshold, cfg.base_threshold * decay) * scale)
-    w = np.where(warps(cfg, layer), np.minimum(cfg.warp_threshold * decay * scale, t), t)
+    can_warp = warps(cfg, layer)
+    w = np.where(can_warp, np.minimum(cfg.warp_threshold * decay * scale, t), t) if can_warp.any() else t
     return t, w
 
 
 def warps(cfg: PolicyConfig, layer: int | np.ndarray) -> np.ndarray:
     """Whether blocks may be warped: a warp threshold of 0 switches warping off, `no_warp_layers` per block."""
-    listed = (np.asarray(layer)[..., None] == np.asarray(cfg.no_warp_layers, dtype=np.intp)).any(axis=-1)
-    return ~listed & (cfg.warp_threshold > 0.0)
+    if cfg.warp_threshold <= 0.0:
+        return np.zeros(np.shape(layer), dtype=bool)
+    listed = set(cfg.no_warp_layers)
+    return np.array([i not in listed for i in np.ravel(layer).tolist()]).reshape(np.shape(layer))
 
 
 def drift_ceiling(metric: str) -> float:
@@ -96,10 +96,9 @@ def recomputes(cfg: PolicyConfig, step: int, drift: ArrayLike, t: ArrayLike, reu
                limit: ArrayLike) -> np.ndarray:
     """`choose`'s first half: whether the block runs. The reuse limit bounds error accumulation
     whatever the drift says. Apart because only this half feeds back into later steps: the replay
-    calls it step by step and `served` once for the whole trajectory."""
-    if step < cfg.warm_up_steps:
-        return np.ones(np.shape(drift), dtype=bool)
-    return (drift > t) | (reuse_run >= limit)
+    calls it for every step a block may run at and `served` once for the whole trajectory. `step` may be an
+    array too."""
+    return (np.less(step, cfg.warm_up_steps) | (drift > t)) | (reuse_run >= limit)
 
 
 def reuse_limit(cfg: PolicyConfig, position: ArrayLike) -> ArrayLike:

@@ -81,7 +81,8 @@ class Replayer:
         a = trace.arrays
         self.runs, self.branches, self.steps, self.blocks = trace.shape
         self.lags = trace.lags
-        self._drift = {}  # variant index -> (R, Br, S, L, G)
+        self._drift = {}  # variant index -> (R, Br, S, L, G + 2)
+        self._index_cache: dict[tuple[int, int], _Indices] = {}
         self._raw_drift = a["drift"]
         self.reuse_err = np.nan_to_num(np.asarray(a["reuse_err"], np.float64), nan=0.0)
         # residual Gram entries on the token subset, for forecasting; absent from older traces
@@ -117,68 +118,71 @@ class Replayer:
         self.quality = self._calibrate()
 
     def drift_table(self, policy: PolicyConfig) -> np.ndarray:
-        """(S, R, Br, L, G + 2): column g is the drift against g steps back; column G + 1 is +inf (no cache)."""
+        """(R, Br, S, L, G + 2): column g is the drift against g steps back; column G + 1 is +inf (no cache)."""
         v = drift_variant(policy.drift_metric, policy.saliency_power)
         if v not in self._drift:
             d = np.nan_to_num(np.asarray(self._raw_drift[..., v], np.float64), nan=np.inf)
             pad = np.full((*d.shape[:-1], 1), np.inf)
-            self._drift[v] = np.ascontiguousarray(np.moveaxis(np.concatenate([pad, d, pad], -1), 2, 0))
+            self._drift[v] = np.concatenate([pad, d, pad], -1)
         return self._drift[v]
 
     def decisions(self, policy: PolicyConfig, runs: slice = slice(None)) -> Decisions:
         """What the live hooks would do at every run, branch, step and block.
 
-        All runs, branches and blocks advance together, one step at a time, so a replay costs a
-        few dozen array operations per step whatever the model's size.
+        Whether a block runs depends on the steps before only through its last computation, so a block's
+        computations form a chain: after a computation at step c the next is the first step c + g whose drift
+        against step c (lag g), ceiling or reuse limit asks for one. That next step is found for every c at once,
+        and the chain from step 0 (which always computes: nothing is cached) is followed by pointer doubling,
+        so a replay costs a few dozen array operations whatever the model's size or the number of steps.
         """
         check_reach(policy, self.lags)  # a longer run would read past its row of the drift table
-        table = self.drift_table(policy)[:, runs]
-        _, r, br, lyr, width = table.shape
-        n = r * br * lyr
-        shape = (self.steps, r, br, lyr)
-        flat = table.reshape(self.steps, n * width)
-        base = np.arange(n) * width + 1  # row starts in a step's flattened table, plus one: lag = run + 1
-        position = self.position[runs].T[:, :, None, None]  # (S, R, 1, 1)
-        t, w = ceilings(policy, self.motion[runs].T[:, :, None, None], position, self.layers)  # (S, R, 1, L)
-        t_all, w_all, limit = (np.broadcast_to(x, shape).reshape(self.steps, -1)
-                               for x in (t, w, reuse_limit(policy, position)))
-        # reuses in a row since the last computation, as each step begins; the lag to it is one more. The run
-        # starts at the table's "no cache" column (+inf drift), and `max_consecutive_reuse <= lags` keeps it below
-        run = np.full(n, width - 2)
-        runs_in = np.empty((self.steps, n), dtype=np.intp)
-        computed = np.empty((self.steps, n), dtype=bool)
-        for s, (row, ceiling, lim) in enumerate(zip(flat, t_all, limit)):  # only whether a block runs feeds back
-            runs_in[s] = run
-            rec = recomputes(policy, s, row.take(base + run), ceiling, run, lim)
-            computed[s] = rec
-            run += 1
-            run[rec] = 0
-        seen = np.take_along_axis(flat, base + runs_in, axis=1)  # the loop's drifts again: one gather, not 50 stores
-        actions = np.where(computed, RECOMPUTE, served(seen, w_all))
-        # the last three computations before each step: c = s - lag, p before c, q before p (-1: none)
-        step = np.arange(self.steps)[:, None]
-        before = np.maximum(step - 1 - runs_in, -1)  # only step 0 starts with no cache, and it always computes
+        table = self.drift_table(policy)[runs]
+        r, br, steps, lyr, width = table.shape
+        ix = self._indices(r, policy.max_consecutive_reuse + 1)  # no block is reused more often in a row
+        position = self.position[runs][:, None, :, None]  # (R, 1, S, 1)
+        t, w = ceilings(policy, self.motion[runs][:, None, :, None], position, self.layers)  # (R, 1, S, L)
+        limit = reuse_limit(policy, position)
+        # (R, Br, S, J, L): whether a block computed at step c runs at step c + 1 + j, after j reuses (j < J)
+        ahead = ix.ahead  # (S, J), clipped to the last step; `ix.beyond` marks the steps past it
+        runs_next = recomputes(policy, ahead[:, :, None], table.take(ix.ahead_drift), t[:, :, ahead],
+                               ix.reuse_run, limit[:, :, ahead]) | ix.beyond
+        jump = np.empty((r * br, steps + 1, lyr), dtype=np.intp)  # next computation; step S stands for "none"
+        jump[:, :steps] = np.minimum(ix.step_c + runs_next.argmax(axis=3).reshape(r * br, steps, lyr), steps)
+        jump[:, steps] = steps
+        chain = np.zeros(jump.shape, dtype=bool)
+        chain[:, 0] = True
+        for _ in range(max(steps - 1, 0).bit_length()):  # after round k: the chain's first 2^(k+1) computations
+            at = ix.jump_base + jump * lyr
+            chain.ravel()[at[chain]] = True
+            jump = jump.ravel().take(at)
+        computed = chain[:, :steps].reshape(r, br, steps, lyr)
+        step = ix.step_s  # (S, 1)
+        before = np.empty(computed.shape, dtype=np.intp)  # the last computation before each step, -1: none
+        before[:, :, 0] = -1
+        before[:, :, 1:] = np.maximum.accumulate(np.where(computed, step, -1), axis=2)[:, :, :-1]
+        lag = step - before  # the drift table's column; at step 0 the "no cache" one
+        lag[:, :, 0] = width - 1
+        seen = table.take(ix.cell_ids * width + lag)
+        actions = np.where(computed, RECOMPUTE, served(seen, w))
 
-        column = np.arange(n)
-        flat_before = before.ravel()
-
-        def earlier(at: np.ndarray) -> np.ndarray:  # before[at] per column (a flat take: take_along_axis costs 2x)
-            return np.where(at > 0, flat_before.take(np.maximum(at, 0) * n + column), -1)
+        def earlier(at: np.ndarray) -> np.ndarray:  # the computation before the one at `at`, -1 for none
+            return before.take(ix.lane_steps + np.maximum(at, 0) * lyr)  # before[..., 0, :] is -1
 
         p = earlier(before)
         q = earlier(p)
         # the hook measures drift unless the recompute is forced (in warm-up, with no cache, or after the reuse
         # limit's reuses in a row) or the ceilings are out of the drift's reach
-        measured = (runs_in < limit) & measures_drift(policy, t_all, w_all)
-        measured[: policy.warm_up_steps] = False
+        measured = (lag <= limit) & measures_drift(policy, t, w)
+        measured[:, :, : policy.warm_up_steps] = False
+        return Decisions(actions, seen, np.where(computed, 0, lag), np.where(computed | (p < 0), 0, before - p),
+                         np.where(computed | (q < 0), 0, p - q), measured)
 
-        def out(x: np.ndarray, where_computed: Any = None) -> np.ndarray:
-            if where_computed is not None:
-                x = np.where(computed, where_computed, x)
-            return x.reshape(shape).transpose(1, 2, 0, 3)
-
-        return Decisions(out(actions), out(seen), out(step - before, 0), out(np.where(p >= 0, before - p, 0), 0),
-                         out(np.where(q >= 0, p - q, 0), 0), out(measured))
+    def _indices(self, r: int, reuses: int) -> _Indices:
+        """The replay's index arrays for `r` runs and reuse runs up to `reuses - 1`: they depend on shapes only."""
+        if (r, reuses) not in self._index_cache:
+            self._index_cache[r, reuses] = _Indices.build(r, self.branches, self.steps, self.blocks, self.lags + 2,
+                                                          reuses)
+        return self._index_cache[r, reuses]
 
     def run(self, policy: PolicyConfig, runs: slice = slice(None)) -> ReplayResult:
         dec = self.decisions(policy, runs)
@@ -227,35 +231,32 @@ class Replayer:
             raise WarpcacheError("policy.forecast needs residual dot products the trace did not record; "
                                  "re-profile with this version of warpcache")
         dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
-        r, br, steps, lyr, span = dots.shape
+        span = dots.shape[-1]
         flat = dots.reshape(-1)
-        si, li = np.arange(steps)[:, None], np.arange(lyr)  # (not np.ogrid: it costs as much as the arithmetic)
-        rows = (np.arange(r * br) * steps).reshape(r, br, 1, 1)  # flat indices into dots: one take each
-
-        def at(step: np.ndarray) -> np.ndarray:  # where <r_step, r_step> sits
-            return ((rows + step) * lyr + li) * span
+        back = span * self.blocks  # a step back in `flat`
 
         def dot(start: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
             return flat.take(start + np.minimum(dist, span - 1))
 
-        c = np.clip(si - lags, 0, None)
-        p = np.clip(c - gaps, 0, None)
+        # flat indices of <r_s, r_s>, <r_c, r_c> and <r_p, r_p>; c = s - lag and p = c - gap are never before step 0
+        s_at = self._indices(len(dots), 1).cell_ids * span
+        c_at = s_at - lags * back
+        p_at = c_at - gaps * back
         g = np.maximum(gaps, 1)
         big_a = np.where(gaps > 0, weight * lags / g, 0.0)
         wc, wp = 1.0 + big_a, -big_a
-        s_at, c_at, p_at = at(si), at(c), at(p)
         if curvature:  # r_q's weight and terms; without curvature they are 0
-            q, h = np.clip(p - gaps2, 0, None), np.maximum(gaps2, 1)
+            h = np.maximum(gaps2, 1)
             big_b = np.where((gaps > 0) & (gaps2 > 0) & (lags + gaps + gaps2 < span),
                              curvature * lags * (lags + gaps) / (g + h), 0.0)
             wc, wp, wq = wc + big_b / g, wp - big_b / g - big_b / h, big_b / h
         sq = (flat.take(s_at) + wc * wc * flat.take(c_at) + wp * wp * flat.take(p_at)
               - 2 * wc * dot(s_at, lags) - 2 * wp * dot(s_at, lags + gaps) + 2 * wc * wp * dot(c_at, gaps))
         if curvature:
-            q_at = at(q)
+            q_at = p_at - gaps2 * back
             sq += (wq * wq * flat.take(q_at) - 2 * wq * dot(s_at, lags + gaps + gaps2)
                    + 2 * wc * wq * dot(c_at, gaps + gaps2) + 2 * wp * wq * dot(p_at, gaps2))
-        return np.sqrt(np.clip(sq, 0.0, None) / np.maximum(out_sq, 1e-24))
+        return np.sqrt(np.maximum(sq, 0.0) / np.maximum(out_sq, 1e-24))
 
     def _calibrate(self) -> QualityModel | None:
         cal = self.trace.meta.get("calibration")
@@ -285,11 +286,19 @@ class Replayer:
         maps its input for a later warp, whether or not a warp follows.
         """
         actions = dec.actions
-        mapped = (actions == RECOMPUTE) & warps(policy, self.layers)
-        mapped[:, :, : max(0, policy.warm_up_steps - 1)] = False
-        return np.stack([np.ones(len(actions)), (actions == REUSE).sum(axis=(1, 2, 3)),
-                         (actions == WARP).sum(axis=(1, 2, 3)), mapped.sum(axis=(1, 2, 3)),
-                         dec.measured.sum(axis=(1, 2, 3))], axis=1)
+        r = len(actions)
+
+        def per_run(mask: np.ndarray) -> np.ndarray:
+            return np.count_nonzero(mask.reshape(r, -1), axis=1)
+
+        can_warp = warps(policy, self.layers)
+        mapped = np.zeros(r)
+        if can_warp.any():
+            computed = (actions == RECOMPUTE) & can_warp
+            computed[:, :, : max(0, policy.warm_up_steps - 1)] = False
+            mapped = per_run(computed)
+        return np.stack([np.ones(r), per_run(actions == REUSE), per_run(actions == WARP), mapped,
+                         per_run(dec.measured)], axis=1).astype(np.float64)
 
     def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
@@ -311,6 +320,36 @@ class Replayer:
                 break
             active.pop(int(np.argmin(sol)))
         return coef
+
+
+@dataclass
+class _Indices:
+    """Index arrays of a replay of `r` runs (flat indices into the drift table and the decision arrays).
+
+    `c` is a computation's step, `j` the reuses after it (0 .. J - 1), `s` any step."""
+
+    ahead: np.ndarray  # (S, J): step c + 1 + j, clipped to the last
+    beyond: np.ndarray  # (S, J, 1): c + 1 + j is past the last step
+    reuse_run: np.ndarray  # (J, 1): j
+    ahead_drift: np.ndarray  # (R, Br, S, J, L): the drift table's cell of step c + 1 + j against c
+    step_c: np.ndarray  # (1, S, 1): c + 1
+    jump_base: np.ndarray  # (R Br, 1, L): where a lane's (S + 1, L) block of the chain's arrays starts
+    step_s: np.ndarray  # (S, 1): s
+    cell_ids: np.ndarray  # (R, Br, S, L): 0, 1, 2, ... in order
+    lane_steps: np.ndarray  # (R, Br, 1, L): where a lane's steps start in (R, Br, S, L) arrays
+
+    @classmethod
+    def build(cls, r: int, br: int, steps: int, lyr: int, width: int, span: int) -> _Indices:
+        """`width`: the drift table's columns; `span`: J, at most `width - 1` (column j + 1: lag j + 1)."""
+        ahead = np.arange(steps)[:, None] + np.arange(1, span + 1)
+        clipped = np.minimum(ahead, steps - 1)
+        lanes = np.arange(r * br).reshape(r, br, 1, 1, 1)
+        cell = ((lanes * steps + clipped[:, :, None]) * lyr + np.arange(lyr)) * width
+        return cls(clipped, (ahead >= steps)[:, :, None], np.arange(span)[:, None],
+                   cell + np.arange(1, span + 1)[:, None], np.arange(1, steps + 1)[None, :, None],
+                   np.arange(r * br)[:, None, None] * (steps + 1) * lyr + np.arange(lyr),
+                   np.arange(steps)[:, None], np.arange(r * br * steps * lyr).reshape(r, br, steps, lyr),
+                   lanes[..., 0] * steps * lyr + np.arange(lyr))
 
 
 @dataclass
