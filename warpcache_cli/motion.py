@@ -218,9 +218,18 @@ def _principal_direction(frames: Tensor) -> Tensor:
     c = x.shape[-1]
     v = torch.linspace(1.0, 1.5, c, device=x.device).expand(x.shape[0], c)
     for _ in range(POWER_ITERATIONS):
-        v = torch.einsum("bmc,bm->bc", x, torch.einsum("bmc,bc->bm", x, v))
+        v = _row_times(_row_times(v, x.transpose(1, 2)), x)
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(_EPS)
     return v
+
+
+def _row_times(v: Tensor, m: Tensor) -> Tensor:
+    """``v_b m_b`` for rows ``v`` ``(B, K)`` and matrices ``m`` ``(B, K, N)``, ``(B, N)``.
+
+    As a row vector times a matrix: on CPU the batched matrix-vector product ``m^T v`` (what einsum
+    makes of it) takes a path 7x slower on the built-in model's blocks (measured).
+    """
+    return torch.bmm(v[:, None, :], m)[:, 0]
 
 
 def _reduce(frames: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -234,7 +243,7 @@ def _reduce(frames: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Te
     centred = frames - frames.mean(dim=(2, 3), keepdim=True)
     if direction is None:
         direction = _principal_direction(centred)
-    return torch.einsum("bfhwc,bc->bfhw", centred, direction), direction
+    return _row_times(direction, centred.flatten(1, 3).transpose(1, 2)).view(centred.shape[:-1]), direction
 
 
 # --------------------------------------------------------------------------- public operations

@@ -92,6 +92,7 @@ class _Call:
     step: int
     slot: int  # in the branch's per-step buffers
     grid: tuple[int, int, int] | None
+    sketch: torch.Tensor  # (L, B, 2, K, C) this call's sketches: its slot of the host buffer, or a device copy
     seconds: list[float] = field(default_factory=list)
     past_r: list[torch.Tensor] = field(default_factory=list)  # per block, the last call's residual, when warping
 
@@ -101,8 +102,8 @@ class Recorder:
 
     Blocks of the built-in model take milliseconds, so the count of tensor operations and passes over
     memory matters more than arithmetic. The block hook takes the reductions that need the block's full
-    tensors (dots against the last step's, token norms) straight into per-step buffers; sketches and
-    warp shifts run once the transformer call is over (`on_call`), batched over the blocks; everything else,
+    tensors (dots against the last step's, token norms, the sketches) straight into per-step buffers; warp
+    shifts run once the transformer call is over (`on_call`), batched over the blocks; everything else,
     above all the lag tables that compare each step's sketches with the steps before, runs once the
     generation is over (`close`), as batched matrix products over all steps, where comparing call by call
     reads every past sketch again at each call.
@@ -163,7 +164,11 @@ class Recorder:
                 self.token_subset = self._subset.cpu()
                 self._history[b] = _History.empty(session.num_blocks, x, len(self._subset))
                 self._power = session.config.policy.saliency_power
-            self._call = _Call(b, step.step, self._history[b].reserve(), session.grid)
+            h = self._history[b]
+            slot = h.reserve()
+            host = h.buffers["sketch"][slot]
+            sketch = host if host.device == x.device else torch.empty(host.shape, dtype=host.dtype, device=x.device)
+            self._call = _Call(b, step.step, slot, session.grid, sketch)
         call, h = self._call, self._history[self._call.branch]
         buf = h.buffers
         with torch.no_grad():  # reductions of the block's tensors while they are in cache; no new full-size tensor
@@ -176,6 +181,7 @@ class Recorder:
                     call.past_r.append(full[:, 1].clone())
             full[:, 0].copy_(x)
             full[:, 1].copy_(residual)
+            torch.index_select(full, 2, self._subset, out=call.sketch[layer])
             torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
             for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
                 torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
@@ -189,11 +195,9 @@ class Recorder:
         h = self._history[call.branch]
         row: dict[str, Any] = {"block_seconds": np.asarray(call.seconds, np.float32)}
         with torch.no_grad():
-            slot = h.buffers["sketch"][call.slot]  # (L, B, 2, K, C), all blocks in one pass
-            if slot.device == h.full.device:  # straight into the buffer: a temporary is fresh pages to fault in
-                torch.index_select(h.full, 3, self._subset, out=slot)
-            else:
-                slot.copy_(h.full.index_select(3, self._subset))
+            slot = h.buffers["sketch"][call.slot]
+            if slot.data_ptr() != call.sketch.data_ptr():
+                slot.copy_(call.sketch)  # to host memory, all blocks at once
             x = h.full[:, :, 0].flatten(0, 1)  # (L B, N, C)
             grid = call.grid
             if call.past_r:
