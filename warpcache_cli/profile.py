@@ -69,6 +69,8 @@ class _History:
                        "dots": buffer(blocks, b, 2, n),  # per-token dots of input and residual with the last step's
                        "token_norm": buffer(blocks, b, 2, n),  # token norms of input and residual
                        "x_dot_r": buffer(blocks, b),
+                       "sketch_sq": buffer(blocks, b, k),  # the input sketch's squared token norms
+                       "sketch_x_dot_r": buffer(blocks, b),  # input sketch . residual sketch
                        # input and residual sketches in host memory and the model's dtype (what the live
                        # policy's drift converts)
                        "sketch": buffer(blocks, b, 2, k, c, dtype=x.dtype, device=torch.device("cpu"))})
@@ -137,7 +139,8 @@ class Recorder:
                 xs, rs = buf["sketch"][:, :, :, 0], buf["sketch"][:, :, :, 1]
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
-                tables = [_lag_tables(xs[:, i: i + 1].float(), rs[:, i: i + 1].float(), self.lags, self.sketch_tokens)
+                tables = [_lag_tables(xs[:, i: i + 1].float(), rs[:, i: i + 1].float(), buf["sketch_sq"][:, i: i + 1],
+                                      buf["sketch_x_dot_r"][:, i: i + 1], self.lags, self.sketch_tokens)
                           for i in range(xs.shape[1])]
                 columns = {key: np.concatenate([t[key] for t in tables], axis=1) for key in tables[0]}
                 columns.update(_full_tensor_tables(buf["token_norm"], buf["dots"], buf["x_dot_r"], self._power))
@@ -182,6 +185,10 @@ class Recorder:
             full[:, 0].copy_(x)
             full[:, 1].copy_(residual)
             torch.index_select(full, 2, self._subset, out=call.sketch[layer])
+            sketch = call.sketch[layer].float()  # (B, 2, K, C); its reductions now, while it is in cache
+            torch.linalg.vecdot(sketch[:, 0], sketch[:, 0], out=buf["sketch_sq"][call.slot, layer])
+            torch.linalg.vecdot(sketch[:, 0].flatten(1), sketch[:, 1].flatten(1),
+                                out=buf["sketch_x_dot_r"][call.slot, layer])
             torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
             for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
                 torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
@@ -266,11 +273,14 @@ def _full_tensor_tables(token_norm: torch.Tensor, dots: torch.Tensor, x_dot_r: t
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
-def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, lags: int, sketch_tokens: int) -> dict[str, np.ndarray]:
+def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, x_sq: torch.Tensor, x_dot_r: torch.Tensor, lags: int,
+                sketch_tokens: int) -> dict[str, np.ndarray]:
     """Each step's sketches against the previous steps': drift and reuse error for `lags` steps back, the
     Gram table of residuals for `2 lags + 1`; arrays (S, L, ...).
 
-    `xs` and `rs` are (S, L, B, K, C): per step, input and residual on K subset tokens. Every token's
+    `xs` and `rs` are (S, L, B, K, C): per step, input and residual on K subset tokens; `x_sq` (S, L, B, K) the
+    inputs' squared token norms, `x_dot_r` (S, L, B) their dots with the residuals (taken by the block hook,
+    `policy.drift`'s own `vecdot` on the same (B, K, C) tensors). Every token's
     dots over all pairs of steps are one batched matrix product, which reads each sketch once where
     comparing step by step reads it again for each lag. Drift is `policy.drift_from_dots` on these dots;
     at lag 1 the dots are `policy.drift`'s own (`vecdot`), so the lag-1 drift is what the live policy
@@ -281,7 +291,7 @@ def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, lags: int, sketch_tokens: in
     """
     steps, g = len(xs), lags
     tokens = xs.permute(1, 2, 3, 0, 4)  # (L, B, K, S, C), a view the batched products take as it is
-    sq = torch.linalg.vecdot(tokens, tokens)  # (L, B, K, S): `policy.drift`'s own squared token norms
+    sq = x_sq.permute(1, 2, 3, 0)  # (L, B, K, S)
     flat = rs.flatten(-2).permute(1, 2, 0, 3)  # (L, B, S, K C)
     gram = (flat @ flat.transpose(-1, -2)).double()  # (L, B, S, S): <r_s, r_t>
     back = torch.arange(steps)[:, None] - torch.arange(2 * g + 2)  # (S, J): step s - j
@@ -300,7 +310,7 @@ def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, lags: int, sketch_tokens: in
     drift[:, ~valid[:, 1: g + 1]] = torch.nan  # before step 0
     pairs = lagged(gram, 2 * g + 2) * valid  # (L, B, S, J): <r_s, r_{s - j}>, 0 before step 0
     r_sq = pairs[..., 0]
-    x_dot_r = torch.linalg.vecdot(xs.flatten(-2), rs.flatten(-2)).double().permute(1, 2, 0)
+    x_dot_r = x_dot_r.double().permute(1, 2, 0)
     out_sq = sq.double().sum(dim=2) + r_sq + 2 * x_dot_r  # (L, B, S): ||x_s + r_s||^2
     err_sq = (r_sq[..., None] + r_sq[..., lags_back] - 2 * pairs[..., 1: g + 1]).clamp_min(0)
     reuse = (err_sq.sqrt() / out_sq.sqrt().clamp_min(1e-12)[..., None]).amax(dim=1).float()  # (L, S, G)

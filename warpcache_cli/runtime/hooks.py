@@ -133,16 +133,17 @@ class BlockHook(ModelHook):
         inputs = self._streams(named)
         x = inputs[0]
         state = s.block_state(self.layer)
-        sketch = x.index_select(1, s.subset(x.shape[1], x.device))
-        usable = state.sketch is not None and state.sketch.shape == sketch.shape
+        subset = s.subset(x.shape[1], x.device)
+        usable = state.sketch is not None and state.sketch.shape == (x.shape[0], len(subset), *x.shape[2:])
         if s.step.step < cfg.warm_up_steps or state.reuse_run >= s.reuse_limit:
             usable = False  # a forced recompute: measuring drift would only cost time
-        d, action = math.inf, Action.RECOMPUTE
+        d, action, sketch = math.inf, Action.RECOMPUTE, None  # the sketch is taken where used: profiling never does
         if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
             t, w = s.ceilings(self.layer)
             # where no drift could change the answer it is not measured (NaN in the record) and the policy is
             # asked with drift 0, which it answers as it would any drift the metric can report
             measured = bool(measures_drift(cfg, t, w))
+            sketch = x.index_select(1, subset) if measured else None
             d = float(drift(sketch, state.sketch, cfg.drift_metric, cfg.saliency_power).max()) if measured else math.nan
             action = Action(int(choose(cfg, s.step.step, d if measured else 0.0, t, w, state.reuse_run,
                                        s.reuse_limit)))
@@ -197,7 +198,7 @@ class BlockHook(ModelHook):
         return out
 
     def _remember(self, state: BlockState, old_keys: list[FeatureKey], residuals: list[torch.Tensor],
-                  sketch: torch.Tensor, x: torch.Tensor) -> None:
+                  sketch: torch.Tensor | None, x: torch.Tensor) -> None:
         """Store the new residuals in place of the old; a residual that does not fit means no reuse next time.
 
         With forecasting on, the divided differences through the last computations are stored too; they
@@ -223,7 +224,9 @@ class BlockHook(ModelHook):
                     s.store.put(self._difference_key(k, step, 2), (d1 - prev_d1.tensor) / (step - prev_c))
         warpable = (needed and grid is not None and grid[0] * grid[1] * grid[2] == x.shape[1]
                     and p.warp_threshold > 0 and self.layer not in p.no_warp_layers)
-        state.sketch = sketch.detach() if fits else None
+        if needed and fits and sketch is None:
+            sketch = x.index_select(1, s.subset(x.shape[1], x.device))
+        state.sketch = sketch.detach() if needed and fits else None
         state.frame_map, state.direction = motion.frame_maps(x, grid) if warpable and fits else (None, None)
         state.previous_step, state.computed_step = c, step
         state.reuse_run = 0
