@@ -95,12 +95,20 @@ def estimate_shift(prev: Tensor, curr: Tensor) -> Tensor:
     """
     if prev.shape != curr.shape or prev.dim() < 2:
         raise ValueError(f"estimate_shift needs two maps of the same shape (..., H, W), got {prev.shape}, {curr.shape}")
+    return _shift_between(_spectrum(prev), _spectrum(curr))
+
+
+def _spectrum(maps: Tensor) -> Tensor:
+    """The DFT of maps ``(..., H, W)`` reduced to their periodic component and mean-removed: `estimate_shift`'s
+    first half, apart so that a sequence of maps is transformed once for all its neighbouring pairs."""
+    a = _periodic_component(maps.float())
+    return torch.fft.fft2(a - a.mean(dim=(-2, -1), keepdim=True))
+
+
+def _shift_between(prev: Tensor, curr: Tensor) -> Tensor:
+    """`estimate_shift` from the two maps' `_spectrum`s."""
     h, w = prev.shape[-2:]
-    a = _periodic_component(prev.float())
-    b = _periodic_component(curr.float())
-    a = a - a.mean(dim=(-2, -1), keepdim=True)
-    b = b - b.mean(dim=(-2, -1), keepdim=True)
-    cross = torch.fft.fft2(b) * torch.fft.fft2(a).conj()
+    cross = curr * prev.conj()
     mag = cross.abs()
     peak = mag.amax(dim=(-2, -1), keepdim=True)
     surface = torch.fft.ifft2(cross / (mag + WHITENING_FLOOR * peak + _EPS) ** WHITENING).real
@@ -273,7 +281,8 @@ def content_motion(video: Tensor, grid: tuple[int, int, int] | None = None, radi
     if frames.shape[1] < 2:
         return 0.0
     maps, _ = _reduce(frames)
-    shifts = estimate_shift(maps[:, :-1], maps[:, 1:])
+    spectra = _spectrum(maps)
+    shifts = _shift_between(spectra[:, :-1], spectra[:, 1:])
     speed = float(shifts.norm(dim=-1).mean())
     return min(max(speed / radius, 0.0), 1.0)
 
