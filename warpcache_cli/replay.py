@@ -1,7 +1,7 @@
 """Offline replay: a trace through the policy, thousands of times a second.
 
-The policy's own `ceilings` and `choose` (its two halves) decide, on arrays of all runs, branches and
-blocks at once, step by step. Drift comes from the trace's look-up table: the drift of
+The policy's own `ceilings` and `choose` (its two halves) decide, on arrays of all runs, branches, steps and
+blocks at once (`Replayer.decisions`). Drift comes from the trace's look-up table: the drift of
 step s's input against the input of the block's last computed step, exactly what the live
 hook would measure while the run is on the reference trajectory. Speed and quality are
 estimates: speed from recorded block times, quality from a model of how injected residual
