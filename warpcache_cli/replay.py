@@ -193,7 +193,8 @@ class Replayer:
         else:
             idx = np.clip(dec.lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
             err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
-        err = np.where(actions == WARP, err * self.warp_ratio[runs], err)
+        if warps(policy, self.layers).any():  # otherwise nothing is warped
+            err = np.where(actions == WARP, err * self.warp_ratio[runs], err)
         err = np.where(reused, err, 0.0)
         # blocks of one step add as independent errors (root of the sum of squares), steps along the trajectory
         # add up. On configs the tuner now converges on (fixed schedules reusing whole steps, whose blocks' errors
