@@ -240,7 +240,7 @@ class Replayer:
             return flat.take(start + np.minimum(dist, span - 1))
 
         # flat indices of <r_s, r_s>, <r_c, r_c> and <r_p, r_p>; c = s - lag and p = c - gap are never before step 0
-        s_at = self._indices(len(dots), 1).cell_ids * span
+        s_at = np.arange(out_sq.size).reshape(out_sq.shape) * span
         c_at = s_at - lags * back
         p_at = c_at - gaps * back
         g = np.maximum(gaps, 1)
@@ -299,7 +299,7 @@ class Replayer:
             computed[:, :, : max(0, policy.warm_up_steps - 1)] = False
             mapped = per_run(computed)
         return np.stack([np.ones(r), per_run(actions == REUSE), per_run(actions == WARP), mapped,
-                         per_run(dec.measured)], axis=1).astype(np.float64)
+                         per_run(dec.measured)], axis=1)
 
     def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
