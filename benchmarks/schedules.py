@@ -89,11 +89,9 @@ def schedule(steps: int, warm: int, interval: int, late_step: int, late: int, fo
     """Every `interval`-th step after `warm` warm-up steps, every `late`-th from step `late_step` on (none at
     `steps`): thresholds out of reach, so only the schedule decides."""
     late_on = late_step < steps
-    return wc.Config.default().with_policy(
-        base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0, phase_multipliers=(1.0, 1.0),
-        warm_up_steps=warm, max_consecutive_reuse=interval - 1, forecast=forecast, forecast_curvature=curvature,
-        late_start=(late_step - 0.5) / (steps - 1) if late_on else 1.0,
-        late_max_consecutive_reuse=late - 1 if late_on else interval - 1)
+    return wc.Config.default().with_schedule(interval, warm, forecast=forecast, curvature=curvature,
+                                             late_start=(late_step - 0.5) / (steps - 1) if late_on else 1.0,
+                                             late_every=late if late_on else None)
 
 
 def computed_steps(config: wc.Config, steps: int) -> list[int]:

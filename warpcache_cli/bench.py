@@ -77,18 +77,8 @@ def warpcache(config: Config, scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0)) ->
 
 
 def fora_config(interval: int) -> Config:
-    """FORA: recompute every `interval`-th step and reuse every block's residual in between, whatever the drift.
-
-    Thresholds at the top of their range, no motion decay and the late phase multiplier at every step
-    put the recompute ceiling (3) above any cosine drift (at most 2); a warp threshold of 0 switches
-    warping off. So only `warm_up_steps = 1` and `max_consecutive_reuse = interval - 1` decide: all
-    blocks recompute at steps 0, N, 2N, ... and reuse their cached residuals at every other step.
-    """
-    return Config.default().with_policy(
-        base_threshold=MAX_THRESHOLD, warp_threshold=0.0, min_threshold=MAX_THRESHOLD, motion_scale=0.0,
-        phase_multipliers=(1.5, 1.5), drift_metric="cosine", layer_multipliers={}, warm_up_steps=1,
-        max_consecutive_reuse=int(interval) - 1,
-    )
+    """FORA: every block recomputes at steps 0, N, 2N, ... and reuses its cached residual at every other step."""
+    return Config.default().with_schedule(int(interval), warm_up=1)
 
 
 def fora(intervals: Sequence[int] = (2, 3, 4, 6)) -> Method:

@@ -336,6 +336,19 @@ class Config(_Node):
         merged = {**self.policy.to_dict(), **changes}
         return dataclasses.replace(self, policy=_build(PolicyConfig, merged, "policy"))
 
+    def with_schedule(self, every: int, warm_up: int, *, forecast: float = 0.0, curvature: float = 0.0,
+                      late_start: float = 1.0, late_every: int | None = None) -> Config:
+        """A copy that computes a fixed schedule, whatever the drift: the first `warm_up` steps, then every
+        `every`-th step (every `late_every`-th from schedule position `late_start` on), reusing in between;
+        FORA's shape, and TaylorSeer's with `forecast` (and `curvature`). Thresholds sit at the top of the
+        cosine drift's range, so the hooks do not even measure drift, and warping is off.
+        """
+        return self.with_policy(
+            drift_metric="cosine", base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0,
+            phase_multipliers=(1.0, 1.0), layer_multipliers={}, warm_up_steps=warm_up,
+            max_consecutive_reuse=every - 1, forecast=forecast, forecast_curvature=curvature,
+            late_start=late_start, late_max_consecutive_reuse=(late_every or every) - 1)
+
     def listen_address(self) -> tuple[str, int] | None:
         """(host, port) where metrics are served over HTTP, or None when they are not."""
         return parse_listen_addr(self.listen_addr)
