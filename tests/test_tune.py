@@ -88,6 +88,8 @@ def test_validation_drops_a_candidate_at_its_first_miss_and_keeps_the_fastest_wi
         assert result.chosen.measured_speedup == fastest.measured_speedup or (
             result.chosen.est_speedup == pytest.approx(fastest.est_speedup, abs=1e-3)
             and result.chosen.measured_psnr > fastest.measured_psnr)
+        psnr = [m["psnr"] for m in result.chosen.measured]
+        assert f"({min(psnr):.1f} to {max(psnr):.1f} dB)" in result.message  # the spread the budget held over
 
 
 def test_among_candidates_doing_the_same_work_the_better_measured_quality_wins():

@@ -493,8 +493,10 @@ def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: flo
         return TuneResult(study, cands, cands[0], False, "chosen on estimates (no model to validate on)",
                           time.perf_counter() - start)
     chosen = validate(pipe, cands, validation, budget, on_validate)
+    psnrs = [m["psnr"] for m in chosen.measured] if chosen is not None else []
     msg = ("no candidate met the budget on the real model" if chosen is None else
            f"fastest candidate whose measured PSNR met the budget on every one of the {len(validation)} validation "
-           "requests; others can fall below it (PSNR scatters between seeds as much as between prompts): validate on "
+           f"requests ({min(psnrs):.1f} to {max(psnrs):.1f} dB); others can fall below it (PSNR scatters between "
+           "seeds as much as between prompts): validate on "
            "prompts and seeds that stand for production's (warpcache tune --validation-prompt, --validation-seeds)")
     return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start, band)
