@@ -37,7 +37,6 @@ POWERS = sorted({p for m, p in DRIFT_VARIANTS if m == "cosine"})
 # under the floor
 BAND_QUANTILE = 0.8
 BAND_FLOOR_DB = 1.0
-LADDER_RUNGS = 2  # schedules at the next speeds past what the estimate admits, measured anyway (`_schedules_by_speed`)
 HEARTBEAT_SECONDS = 2
 GRACE_SECONDS = 6
 
@@ -323,15 +322,17 @@ class Tuner:
         """Up to k configs for validation, fastest first: the fastest the estimate says meets the budget, then
         ones trading speed for at least `margin_db` more PSNR headroom each, and the fastest fixed schedule.
 
-        With `band_db` > 0 (a model will measure them), at least half the places go to the fastest configs whose
-        estimated PSNR falls short of the budget by less than `band_db`, schedules first: the estimate errs by
-        a few dB on unseen seeds, most on schedules (it reads forecast error off the recorded trajectory,
-        which live runs leave after their first reuse), so the fastest config that truly meets the budget is
-        often just outside the estimate's feasible set, and only a measurement can say. Before them come
-        the first `LADDER_RUNGS` rungs of the schedule ladder (`_schedules_by_speed`), then for each schedule so far
-        the schedule the estimate rates next best at its speed (same work, its other forecast order, say: the
-        estimate misjudges the curvature term by 2 to 4 dB on the built-in model, so the measurement picks).
-        Places still free then go to the next fastest feasible configs.
+        With `band_db` > 0 (a model will measure them), half the places go to the schedule ladder
+        (`_schedules_by_speed`): at each schedule speed past the fastest config admitted, slowest first, the
+        schedule the estimate rates best there (a rung) and the next best (same work: its other forecast order,
+        say, which the estimate misjudges by 2 to 4 dB on the built-in model). The estimate cannot say how fast
+        a schedule may go, so the speeds just past what it admits are measured in turn; taking the band's fastest
+        first instead jumped past them when the band was wide (6 dB on one trace: schedules estimated 6 to 9 dB
+        under the budget were measured, the next two speeds up never). Then the same-work twin of the fastest
+        schedule admitted; then the fastest other configs (drift-driven) whose estimated PSNR falls short of the
+        budget by less than `band_db`: the estimate errs by a few dB on unseen seeds, so the fastest config that
+        truly meets the budget is often just outside its feasible set. Places still free go to the same-work
+        twins of the slower schedules admitted, then to the next fastest feasible configs.
         """
         done = self._skipping(study)
         done.sort(key=lambda t: (-t.user_attrs["est_speedup"], -t.user_attrs["est_psnr"]))
@@ -346,31 +347,31 @@ class Tuner:
                 picked.append(t)
         if schedule is not None and schedule not in picked:
             picked.append(schedule)
-        near: list[optuna.trial.FrozenTrial] = []
+        admitted = {t.number: "estimate" for t in picked}
         if band_db > 0:
-            floor = max((t.user_attrs["est_speedup"] for t in picked), default=1.0)
-            near = [t for t in done if t.user_attrs["constraint"] > 0.0 and t.user_attrs["est_speedup"] > floor
+            groups = _schedules_by_speed(done)
+            floor = max(_speed(t) for t in picked) if picked else 1.0
+            ladder = [t for speed, group in sorted(groups.items()) if speed > floor for t in group[:2]][: k // 2]
+            # the same-work twin of each schedule admitted, fastest first
+            twins = [u for t in sorted(picked, key=_speed, reverse=True) if t.user_attrs.get("schedule")
+                     for u in groups[_speed(t)][:2] if u is not t]
+            labels = {t.number: "same work" for t in twins + ladder} | {groups[_speed(t)][0].number: "ladder"
+                                                                        for t in ladder}
+            near = [t for t in done if t.user_attrs["constraint"] > 0.0 and not t.user_attrs.get("schedule")
+                    and t.user_attrs["est_speedup"] > floor
                     and self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0]
-            near.sort(key=lambda t: not t.user_attrs.get("schedule"))  # stable: schedules first, each fastest first
-        groups = _schedules_by_speed(done)
-        floor = max((_speed(t) for t in picked + near), default=1.0)
-        ladder = [group[0] for speed, group in sorted(groups.items()) if speed > floor][:LADDER_RUNGS]
-        rungs = {t.number for t in ladder} if band_db > 0 else set()
-        siblings = [u for t in picked + ladder if t.user_attrs.get("schedule") for u in groups[_speed(t)][:2]
-                    if u is not t] if band_db > 0 else []
-        twins = {t.number for t in siblings} - {t.number for t in picked}
-        seen = {_outcome(t) for t in picked}
-        # places left over go to the next fastest feasible configs the headroom rule passed by
-        for t in [t for t in ladder if t.number in rungs] + siblings + near + (feasible if band_db > 0 else []):
-            if len(picked) >= k:
-                break
-            if _outcome(t) not in seen:  # trials that decide alike estimate alike: one of them is enough
-                seen.add(_outcome(t))
-                picked.append(t)
+            labels |= {t.number: "band" for t in near}
+            seen = {_outcome(t) for t in picked}
+            # in this order while places last; then the next fastest feasible configs the headroom rule passed by
+            for t in ladder + twins[:1] + near + twins[1:] + feasible:
+                if len(picked) >= k:
+                    break
+                if _outcome(t) not in seen:  # trials that decide alike estimate alike: one of them is enough
+                    seen.add(_outcome(t))
+                    picked.append(t)
+                    admitted[t.number] = "estimate" if t.user_attrs["constraint"] <= 0.0 else labels[t.number]
         picked.sort(key=lambda t: -t.user_attrs["est_speedup"])
-        return [replace(self._candidate(t), admitted="estimate" if t.user_attrs["constraint"] <= 0.0 else
-                        "ladder" if t.number in rungs else "same work" if t.number in twins else "band")
-                for t in picked[:k]]
+        return [replace(self._candidate(t), admitted=admitted[t.number]) for t in picked[:k]]
 
 
 def _speed(t: optuna.trial.FrozenTrial) -> float:
