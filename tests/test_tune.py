@@ -114,6 +114,8 @@ def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):
     report = json.loads((tmp_path / "warpcache-tune-report.json").read_text())
     assert report["chosen"]["est_psnr"] >= 28
     cfg = wc.Config.load(tmp_path / "warpcache-config.json")
+    assert wc.Config.from_dict(report["chosen"]["config"]) == cfg  # every candidate's config is in the report
+    assert len({json.dumps(c["config"], sort_keys=True) for c in report["candidates"]}) == len(report["candidates"])
     assert runner.invoke(app, ["replay", str(small_trace.path), "--config", str(tmp_path / "warpcache-config.json"),
                                "--min-psnr", "28"]).exit_code == 0
     prof = json.loads((tmp_path / "warpcache-sensitivity.json").read_text())

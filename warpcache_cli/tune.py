@@ -72,7 +72,8 @@ class Candidate:
                 "est_drift": self.est_drift, "estimate_meets_budget": not self.below_estimate,
                 "admitted": self.admitted,
                 "measured_speedup": self.measured_speedup,
-                "measured_min_psnr": self.measured_psnr, "measured": self.measured}
+                "measured_min_psnr": self.measured_psnr, "measured": self.measured,
+                "config": self.config.to_dict()}  # to run, replay or gate any candidate, not only the chosen
 
 
 class SearchSpace:
