@@ -33,7 +33,7 @@ from warpcache_cli import quality
 from warpcache_cli.bench import taylorseer_config
 from warpcache_cli.measure import cached_psnr, measure
 from warpcache_cli.models import Request, generate, load_model
-from warpcache_cli.policy import recomputes, reuse_limit
+from warpcache_cli.policy import schedule_steps
 
 PROMPTS = ("a red circle moving right fast", "a blue square moving up slow", "a green triangle static")
 # (interval, warm-up, forecast, forecast_curvature, late: the last five steps' reuse limit, 0 for none)
@@ -94,24 +94,12 @@ def schedule(steps: int, warm: int, interval: int, late_step: int, late: int, fo
                                              late_every=late if late_on else None)
 
 
-def computed_steps(config: wc.Config, steps: int) -> list[int]:
-    """The steps a schedule computes, by the policy's own rule (drift never reaches the thresholds)."""
-    out, run, p = [], 0, config.policy
-    for s in range(steps):
-        if recomputes(p, s, 0.0, p.base_threshold, run, reuse_limit(p, s / (steps - 1))):
-            out.append(s)
-            run = 0
-        else:
-            run += 1
-    return out
-
-
 def sweep(pipe, requests: list[Request], steps: int, n: int) -> None:
     found: dict[tuple[int, ...], wc.Config] = {}
     for warm, interval, late_step, late in itertools.product(range(1, 4), range(4, 8), range(steps // 2, steps + 1),
                                                              range(2, 5)):
         config = schedule(steps, warm, interval, late_step, late)
-        at = tuple(computed_steps(config, steps))
+        at = tuple(schedule_steps(config.policy, np.linspace(0.0, 1.0, steps)))
         if len(at) == n:
             found.setdefault(at, config)
     rows = [(min(psnr), float(np.mean(psnr)), at)

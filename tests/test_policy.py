@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warpcache_cli.config import Config
-from warpcache_cli.policy import Action, ceilings, decide, drift, phase_multiplier, token_subset
+from warpcache_cli.policy import Action, ceilings, decide, drift, phase_multiplier, schedule_steps, token_subset
 
 unit = st.floats(0.0, 1.0)
 policy_fields = st.fixed_dictionaries({
@@ -78,3 +79,16 @@ def test_token_subset_is_fixed_and_seeded():
     assert torch.equal(a, b) and len(a.unique()) == 64
     assert not torch.equal(a, token_subset(1000, 64, 4))
     assert torch.equal(token_subset(10, 64, 0), torch.arange(10))
+
+
+def test_schedule_steps_names_a_fixed_schedule_and_only_that():
+    at = np.linspace(0.0, 1.0, 30)
+    fora = Config.default().with_schedule(4, warm_up=1)
+    assert schedule_steps(fora.policy, at) == [0, 4, 8, 12, 16, 20, 24, 28]
+    late = Config.default().with_schedule(4, warm_up=2, late_start=(25 - 0.5) / 29, late_every=3).policy
+    assert schedule_steps(late, at) == [0, 1, 5, 9, 13, 17, 21, 25, 28]
+    # drift can decide: a threshold under the cosine drift's reach, warping (which measures drift to choose
+    # between reuse and warp), a block that is never reused, or a phase multiplier pulling a threshold down
+    for change in ({"base_threshold": 0.1, "min_threshold": 0.1}, {"warp_threshold": 1.0},
+                   {"layer_multipliers": {3: 0.0}}, {"phase_multipliers": (0.5, 1.0)}):
+        assert schedule_steps(fora.with_policy(**change).policy, at) is None, change

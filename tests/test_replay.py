@@ -14,7 +14,7 @@ import warpcache_cli as wc
 from warpcache_cli.cli.app import app
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, generate
-from warpcache_cli.policy import Action
+from warpcache_cli.policy import Action, schedule_steps
 from warpcache_cli.profile import calibration_configs, profile
 from warpcache_cli.replay import Replayer
 from warpcache_cli.trace import Trace
@@ -54,6 +54,7 @@ def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_
     wc.remove(builtin)
     computed = sorted({d.step for d in session.stats.decisions if d.action == Action.RECOMPUTE})
     assert STEPS == 10 and computed == [0, 4, 6, 8]
+    assert schedule_steps(cfg.policy, np.linspace(0.0, 1.0, STEPS)) == computed  # what the tune report shows
     assert not any(np.isfinite(d.drift) for d in session.stats.decisions)  # a schedule measures no drift
     actions = Replayer(small_trace).decisions(cfg.policy).actions[0]
     branches = small_trace.meta["branches"]

@@ -113,6 +113,30 @@ def reuse_limit(cfg: PolicyConfig, position: ArrayLike) -> ArrayLike:
     return np.where(np.asarray(position) >= cfg.late_start, late, cfg.max_consecutive_reuse)
 
 
+def schedule_steps(cfg: PolicyConfig, position: np.ndarray) -> list[int] | None:
+    """The steps a fixed schedule computes, at steps with these schedule positions (a trace's `position` row, or
+    `step / (steps - 1)`); None when drift can decide (a drift-driven policy).
+
+    A policy is a fixed schedule when no ceiling of any block at any step, whatever the motion, falls below
+    the largest drift its metric can report: the hooks then measure none, and warm-up and the reuse limits
+    alone decide, the same for every block. The steps are found by the policy's own rule.
+    """
+    listed = sorted(cfg.layer_multipliers)
+    layers = np.array([*listed, max(listed, default=-1) + 1])  # every listed block and an unlisted one
+    position = np.asarray(position, np.float64)
+    t, w = ceilings(cfg, 1e6, position[:, None], layers)  # their lowest: motion decays them towards their floor
+    if np.any(measures_drift(cfg, t, w)):
+        return None
+    out, run = [], 0
+    for s, pos in enumerate(position):
+        if recomputes(cfg, s, 0.0, drift_ceiling(cfg.drift_metric), run, reuse_limit(cfg, pos)):
+            out.append(s)
+            run = 0
+        else:
+            run += 1
+    return out
+
+
 def served(drift: ArrayLike, w: ArrayLike) -> np.ndarray:
     """`choose`'s second half: how a block that does not run is served, as it is or warped."""
     return np.where(drift <= w, REUSE, WARP)

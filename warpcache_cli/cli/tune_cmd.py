@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from warpcache_cli import sensitivity
@@ -15,8 +16,10 @@ from warpcache_cli.cli._errors import handle_errors
 from warpcache_cli.cli._options import Device, Dtype, JsonOut
 from warpcache_cli.cli._output import console, err_console, print_json, progress, table
 from warpcache_cli.cli.profile_cmd import parse_seeds
+from warpcache_cli.config import PolicyConfig
 from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
 from warpcache_cli.models import load_model
+from warpcache_cli.policy import schedule_steps
 from warpcache_cli.trace import Trace
 from warpcache_cli.tune import TuneResult, redact, tune, validation_requests
 
@@ -125,9 +128,11 @@ def tune_command(
     if json_out:
         print_json(report)
     else:
+        position = loaded[0].arrays["position"][0]
         rows = [
             [
                 c.trial,
+                _describe(c.config.policy, position),
                 f"{c.est_speedup:.2f}x",
                 c.est_psnr,
                 f"{c.measured_speedup:.2f}x" if c.measured else "-",
@@ -139,7 +144,7 @@ def tune_command(
         ]
         table(
             f"warpcache tune: {report['trials']} trials in {result.seconds:.1f} s, budget PSNR >= {min_psnr} dB",
-            ["trial", "est speedup", "est PSNR dB", "measured speedup", "measured min PSNR dB", ""],
+            ["trial", "config", "est speedup", "est PSNR dB", "measured speedup", "measured min PSNR dB", ""],
             rows,
         )
         console.print(result.message)
@@ -147,3 +152,16 @@ def tune_command(
             console.print(f"wrote {name}: {path}")
     if result.chosen is None:
         raise BudgetExceeded(result.message)
+
+
+def _describe(policy: PolicyConfig, position: np.ndarray) -> str:
+    """A candidate in a few words: a fixed schedule by the steps it computes (listed when few), else
+    drift-driven; and how reused residuals are served."""
+    steps = schedule_steps(policy, position)
+    served = ("no forecast" if not policy.forecast else
+              f"curvature {policy.forecast_curvature:g}" if policy.forecast_curvature else
+              "first order" if policy.forecast == 1.0 else f"forecast {policy.forecast:.2g}")
+    if steps is None:
+        return f"drift-driven, {served}"
+    listed = f": {' '.join(map(str, steps))}" if len(steps) <= 12 else ""
+    return f"{len(steps)} of {len(position)} steps{listed}, {served}"
