@@ -326,14 +326,16 @@ class Tuner:
         With `band_db` > 0 (a model will measure them), half the places go to the schedule ladder
         (`_schedules_by_speed`): at each schedule speed past the fastest config admitted, slowest first, the
         schedule the estimate rates best there (a rung) and the next best (same work: its other forecast order,
-        say, which the estimate misjudges by 2 to 4 dB on the built-in model). The estimate cannot say how fast
-        a schedule may go, so the speeds just past what it admits are measured in turn; taking the band's fastest
-        first instead jumped past them when the band was wide (6 dB on one trace: schedules estimated 6 to 9 dB
-        under the budget were measured, the next two speeds up never). Then the same-work twin of the fastest
-        schedule admitted; then the fastest other configs (drift-driven) whose estimated PSNR falls short of the
-        budget by less than `band_db`: the estimate errs by a few dB on unseen seeds, so the fastest config that
-        truly meets the budget is often just outside its feasible set. Places still free go to the same-work
-        twins of the slower schedules admitted, then to the next fastest feasible configs.
+        say, which the estimate misjudges by 2 to 4 dB on the built-in model), climbing while the rung's estimate
+        is within `band_db` of the budget and one speed more (the estimate underrates schedules most); then the
+        speeds just under the fastest admitted, fallbacks should it fail. The estimate cannot say how fast a
+        schedule may go, so the speeds around what it admits are measured in turn. (Starting past the band's
+        fastest trial instead jumped past them when the band was wide: 6 dB on one trace, where schedules
+        estimated 6 to 9 dB under the budget were measured and the next speeds up never.) Then the same-work
+        twin of the fastest schedule admitted; then the fastest drift-driven configs whose estimated PSNR falls
+        short of the budget by less than `band_db`: the estimate errs by a few dB on unseen seeds, so the fastest
+        config that truly meets the budget is often just outside its feasible set. Places still free go to the
+        same-work twins of the slower schedules admitted, then to the next fastest feasible configs.
         """
         done = self._skipping(study)
         done.sort(key=lambda t: (-t.user_attrs["est_speedup"], -t.user_attrs["est_psnr"]))
@@ -352,7 +354,13 @@ class Tuner:
         if band_db > 0:
             groups = _schedules_by_speed(done)
             floor = max(_speed(t) for t in picked) if picked else 1.0
-            ladder = [t for speed, group in sorted(groups.items()) if speed > floor for t in group[:2]][: k // 2]
+            # climbing from the fastest config admitted while the estimate is within the band of the budget, and
+            # one speed more (the estimate underrates schedules most), then, as fallbacks, the speeds just under it
+            up = [group for speed, group in sorted(groups.items()) if speed > floor]
+            plausible = sum(1 for _ in itertools.takewhile(lambda g: self.budget.slack(
+                g[0].user_attrs["est_psnr"] + band_db, g[0].user_attrs["est_drift"]) <= 0.0, up))
+            down = [group for speed, group in sorted(groups.items(), reverse=True) if speed < floor]
+            ladder = [t for group in up[: plausible + 1] + down for t in group[:2]][: k // 2]
             # the same-work twin of each schedule admitted, fastest first
             twins = [u for t in sorted(picked, key=_speed, reverse=True) if t.user_attrs.get("schedule")
                      for u in groups[_speed(t)][:2] if u is not t]
