@@ -46,7 +46,7 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
     assert sure and all(c.est_psnr >= 32.0 and c.admitted == "estimate" for c in sure)
     schedules = [t for t in study.trials if t.user_attrs.get("schedule")]
     speeds = sorted({round(t.user_attrs["est_speedup"], 3) for t in schedules})
-    for k in (8, 24):
+    for k in (8, 200):  # places for a few, and for every candidate the rules admit
         wide = tuner.candidates(study, k, band_db=3.0)
         assert len(wide) <= k and sure[0].trial in {c.trial for c in wide}
         assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)
@@ -69,11 +69,15 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
         for c in twins:
             assert any(o is not c and round(o.est_speedup, 3) == round(c.est_speedup, 3) and o.est_psnr >= c.est_psnr
                        for o in wide)
-    # with places left, drift-driven configs the estimate puts less than the band under the budget
-    near = [c for c in wide if c.admitted == "band"]
-    assert near, "no drift-driven trial landed in the 29-32 dB band: the test's premise is gone"
+    # with places left, every drift-driven config faster than the estimate admits that it puts less than the
+    # band under the budget (which trials those are depends on the trace's timings)
+    done = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
+    band = {(round(t.user_attrs["est_speedup"], 4), round(t.user_attrs["est_psnr"], 3)) for t in done
+            if t.user_attrs["constraint"] > 0 and not t.user_attrs.get("schedule") and t.user_attrs["est_psnr"] >= 29.0
+            and t.user_attrs["est_speedup"] > fastest}
+    assert band <= {(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}
     assert all(29.0 <= c.est_psnr < 32.0 and c.est_speedup > sure[0].est_speedup
-               and not c.config.policy.base_threshold >= 2.0 for c in near)
+               and not c.config.policy.base_threshold >= 2.0 for c in wide if c.admitted == "band")
 
 
 def test_validation_drops_a_candidate_at_its_first_miss_and_keeps_the_fastest_within_budget(small_trace, builtin):
@@ -87,12 +91,13 @@ def test_validation_drops_a_candidate_at_its_first_miss_and_keeps_the_fastest_wi
         assert all(p >= 32.0 for p in psnr[:-1])  # each further request only after meeting the budget on all before
     assert any(len(c.measured) < len(seeds) for c in result.candidates), "no candidate was dropped early"
     ok = [c for c in result.candidates if len(c.measured) == len(seeds) and c.measured_psnr >= 32.0]
-    assert result.chosen is choose_measured(ok)
-    if ok:
-        fastest = max(ok, key=lambda c: c.measured_speedup)
-        assert result.chosen.measured_speedup == fastest.measured_speedup or (
-            result.chosen.est_speedup == pytest.approx(fastest.est_speedup, abs=1e-3)
-            and result.chosen.measured_psnr > fastest.measured_psnr)
+    assert result.chosen is choose_measured(ok, result.timing_noise) and 0.0 <= result.timing_noise < 1.0
+    if ok:  # the least work among those measured within the timing noise of the fastest, at its best quality
+        fastest = max(c.measured_speedup for c in ok)
+        close = [c for c in ok if c.measured_speedup >= fastest * (1 - result.timing_noise)]
+        assert result.chosen.est_speedup == pytest.approx(max(c.est_speedup for c in close), abs=1e-3)
+        assert result.chosen.measured_psnr == max(c.measured_psnr for c in ok
+                                                  if abs(c.est_speedup - result.chosen.est_speedup) < 1e-3)
         psnr = [m["psnr"] for m in result.chosen.measured]
         assert f"({min(psnr):.1f} to {max(psnr):.1f} dB)" in result.message  # the spread the budget held over
 
@@ -107,6 +112,11 @@ def test_among_candidates_doing_the_same_work_the_better_measured_quality_wins()
     assert choose_measured([noisy_fast, same_work, other]) is same_work  # same steps computed: noise, not speed
     assert choose_measured([noisy_fast, other]) is noisy_fast  # less work: the speed is real
     assert choose_measured([]) is None
+    # within the timing noise of the fastest measured, the config doing less work wins; beyond it, the measurement
+    less_work = cand(3, 2.82, 2.50, 28.7)
+    assert choose_measured([same_work, other, less_work]) is other
+    assert choose_measured([same_work, other, less_work], noise=0.01) is same_work  # 2.53 within 1% of 2.55
+    assert choose_measured([same_work, other, less_work], noise=0.05) is less_work  # 2.50 within 5%
 
 
 def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):

@@ -213,6 +213,7 @@ class TuneResult:
     message: str
     seconds: float
     band_db: float = 0.0  # configs estimated up to this far below the PSNR budget were validated too
+    timing_noise: float = 0.0  # relative difference of two timings of one plain run during validation (median)
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -424,9 +425,9 @@ class _Recorder(optuna.trial.FixedTrial):
 
 
 def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], budget: Budget,
-             tick: Callable[[], None] | None = None) -> Candidate | None:
+             tick: Callable[[], None] | None = None) -> tuple[Candidate | None, float]:
     """Run each candidate on the real model; the fastest that meets the PSNR budget on every request wins
-    (`choose_measured`).
+    (`choose_measured`). Returns it and the timing noise it was chosen with.
 
     A candidate is dropped at its first run under the budget, so failing ones cost about one run
     each and more candidates can be measured for the same time.
@@ -435,6 +436,7 @@ def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], bu
     runtime.remove(pipe)
     warm_up(pipe, requests[0])
     alive = list(candidates)
+    noise = []  # how far two timings of the same plain run differ, relatively
     for req in requests:
         ref, plain_before = timed(pipe, req)
         tick()
@@ -447,23 +449,29 @@ def validate(pipe: Any, candidates: list[Candidate], requests: list[Request], bu
                 runtime.remove(pipe)
             tick()
         # the plain run is timed before and after the cached ones, so load drift hits both sides alike
-        plain_s = (plain_before + timed(pipe, req)[1]) / 2
+        plain_after = timed(pipe, req)[1]
+        plain_s = (plain_before + plain_after) / 2
+        noise.append(abs(plain_before - plain_after) / plain_s)
         for cand, (frames, cached_s) in zip(alive, runs):
             q = quality.compare(frames, ref)
             cand.measured.append({"seed": req.seed, "prompt": req.prompt, "speedup": plain_s / cached_s,
                                   "psnr": q["psnr"], "ssim": q["ssim"]})
         alive = [c for c in alive if budget.min_psnr is None or c.measured_psnr >= budget.min_psnr]
-    return choose_measured(alive)
+    noise_level = statistics.median(noise) if noise else 0.0
+    return choose_measured(alive, noise_level), noise_level
 
 
-def choose_measured(passed: list[Candidate]) -> Candidate | None:
-    """The fastest measured; among candidates doing the same work as it (the same estimated speed: schedules
-    that compute the same steps), the best measured quality. Their measured speeds differ by timing noise
-    alone (5% between two timings of one config in one run here), which should not pick the worse output."""
+def choose_measured(passed: list[Candidate], noise: float = 0.0) -> Candidate | None:
+    """The fastest measured, unless a candidate doing less work (a higher estimated speed: fewer blocks computed)
+    measured within the timing noise of it (`noise`, relative: how far two timings of one plain run differ);
+    then, among the candidates doing that same work, the best measured quality. Their measured speeds differ
+    by timing noise alone (5% between two timings of one config in one run here), which should pick neither
+    the worse output nor the config doing more work (a 10-step schedule over a 9-step one, at a 25 dB budget)."""
     if not passed:
         return None
-    fastest = max(passed, key=lambda c: c.measured_speedup)
-    return max((c for c in passed if abs(c.est_speedup - fastest.est_speedup) < 1e-3), key=lambda c: c.measured_psnr)
+    fastest = max(c.measured_speedup for c in passed)
+    least_work = max(c.est_speedup for c in passed if c.measured_speedup >= fastest * (1.0 - noise))
+    return max((c for c in passed if abs(c.est_speedup - least_work) < 1e-3), key=lambda c: c.measured_psnr)
 
 
 def validation_requests(traces: list[Trace], seeds: list[int] | None, prompts: Sequence[str] = ()) -> list[Request]:
@@ -502,11 +510,11 @@ def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: flo
     if not validating:
         return TuneResult(study, cands, cands[0], False, "chosen on estimates (no model to validate on)",
                           time.perf_counter() - start)
-    chosen = validate(pipe, cands, validation, budget, on_validate)
+    chosen, noise = validate(pipe, cands, validation, budget, on_validate)
     psnrs = [m["psnr"] for m in chosen.measured] if chosen is not None else []
     msg = ("no candidate met the budget on the real model" if chosen is None else
            f"fastest candidate whose measured PSNR met the budget on every one of the {len(validation)} validation "
            f"requests ({min(psnrs):.1f} to {max(psnrs):.1f} dB); others can fall below it (PSNR scatters between "
            "seeds as much as between prompts): validate on "
            "prompts and seeds that stand for production's (warpcache tune --validation-prompt, --validation-seeds)")
-    return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start, band)
+    return TuneResult(study, cands, chosen, True, msg, time.perf_counter() - start, band, noise)

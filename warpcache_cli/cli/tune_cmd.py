@@ -40,6 +40,7 @@ def _report(result: TuneResult, budget: Budget, storage: str | None, outputs: di
         "study_name": result.study.study_name,
         "chosen": result.chosen.to_dict() if result.chosen else None,
         "band_db": result.band_db,
+        "timing_noise": result.timing_noise,
         "candidates": [c.to_dict() for c in result.candidates],
         "pareto": result.pareto() if len(result.study.directions) == 2 else None,
         "outputs": outputs,
