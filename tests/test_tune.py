@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import warpcache_cli as wc
 from warpcache_cli.budget import Budget
 from warpcache_cli.cli.app import app
+from warpcache_cli.cli.tune_cmd import measured_min
 from warpcache_cli.models import Request
 from warpcache_cli.replay import replay
 from warpcache_cli.tune import Candidate, Tuner, choose_measured, tune
@@ -117,6 +118,9 @@ def test_among_candidates_doing_the_same_work_the_better_measured_quality_wins()
     assert choose_measured([same_work, other, less_work]) is other
     assert choose_measured([same_work, other, less_work], noise=0.01) is same_work  # 2.53 within 1% of 2.55
     assert choose_measured([same_work, other, less_work], noise=0.05) is less_work  # 2.50 within 5%
+    # the report table says when a candidate's minimum is over the requests before it was dropped only
+    dropped = Candidate(cfg, 4, 3.0, 24.0, 0.0, measured=[{"speedup": 3.1, "psnr": 29.6}])
+    assert measured_min(dropped, 6) == "29.6 (dropped at request 1 of 6)" and measured_min(dropped, 1) == "29.6"
 
 
 def test_cli_writes_config_sensitivity_and_report(small_trace, tmp_path):

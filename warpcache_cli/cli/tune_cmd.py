@@ -21,7 +21,7 @@ from warpcache_cli.errors import BudgetExceeded, ModelError, WarpcacheError
 from warpcache_cli.models import load_model
 from warpcache_cli.policy import schedule_steps
 from warpcache_cli.trace import Trace
-from warpcache_cli.tune import TuneResult, redact, tune, validation_requests
+from warpcache_cli.tune import Candidate, TuneResult, redact, tune, validation_requests
 
 CONFIG_NAME = "warpcache-config.json"
 SENSITIVITY_NAME = "warpcache-sensitivity.json"
@@ -137,7 +137,7 @@ def tune_command(
                 f"{c.est_speedup:.2f}x",
                 c.est_psnr,
                 f"{c.measured_speedup:.2f}x" if c.measured else "-",
-                c.measured_psnr if c.measured else "-",
+                measured_min(c, len(requests)),
                 " ".join(w for w, on in (("chosen", c is result.chosen),
                                          (f"(est. below budget: {c.admitted})", c.below_estimate)) if on),
             ]
@@ -166,3 +166,13 @@ def _describe(policy: PolicyConfig, position: np.ndarray) -> str:
         return f"drift-driven, {served}"
     listed = f": {' '.join(map(str, steps))}" if len(steps) <= 12 else ""
     return f"{len(steps)} of {len(position)} steps{listed}, {served}"
+
+
+def measured_min(c: Candidate, requests: int) -> str:
+    """The lowest PSNR measured, saying when the candidate was dropped before the last request: its minimum
+    is then only over the requests it ran on, a failing run, not how far it is from the budget."""
+    if not c.measured:
+        return "-"
+    low = f"{c.measured_psnr:.1f}"
+    return low if len(c.measured) >= requests else f"{low} (dropped at request {len(c.measured)} of {requests})"
+
