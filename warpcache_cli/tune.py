@@ -353,24 +353,26 @@ class Tuner:
             picked.append(schedule)
         admitted = {t.number: "estimate" for t in picked}
         if band_db > 0:
+
+            def within_band(t: optuna.trial.FrozenTrial) -> bool:  # estimated less than the band under the budget
+                return self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0
+
             groups = _schedules_by_speed(done)
             floor = max(_speed(t) for t in picked) if picked else 1.0
             # climbing from the fastest config admitted while the estimate is within the band of the budget, and
             # one speed more (the estimate underrates schedules most), then, as fallbacks, the speeds just under it
             up = [group for speed, group in sorted(groups.items()) if speed > floor]
-            plausible = sum(1 for _ in itertools.takewhile(lambda g: self.budget.slack(
-                g[0].user_attrs["est_psnr"] + band_db, g[0].user_attrs["est_drift"]) <= 0.0, up))
+            plausible = sum(1 for _ in itertools.takewhile(lambda g: within_band(g[0]), up))
             down = [group for speed, group in sorted(groups.items(), reverse=True) if speed < floor]
             ladder = [t for group in up[: plausible + 1] + down for t in group[:2]][: k // 2]
             # the same-work twin of each schedule admitted, fastest first
             twins = [u for t in sorted(picked, key=_speed, reverse=True) if t.user_attrs.get("schedule")
                      for u in groups[_speed(t)][:2] if u is not t]
-            labels = {t.number: "same work" for t in twins + ladder} | {groups[_speed(t)][0].number: "ladder"
-                                                                        for t in ladder}
             near = [t for t in done if t.user_attrs["constraint"] > 0.0 and not t.user_attrs.get("schedule")
-                    and t.user_attrs["est_speedup"] > floor
-                    and self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0]
-            labels |= {t.number: "band" for t in near}
+                    and t.user_attrs["est_speedup"] > floor and within_band(t)]
+            labels = ({t.number: "same work" for t in twins}
+                      | {t.number: "ladder" if t is groups[_speed(t)][0] else "same work" for t in ladder}
+                      | {t.number: "band" for t in near})
             seen = {_outcome(t) for t in picked}
             # in this order while places last; then the next fastest feasible configs the headroom rule passed by
             for t in ladder + twins[:1] + near + twins[1:] + feasible:
