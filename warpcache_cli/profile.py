@@ -75,12 +75,12 @@ class _History:
                        # policy's drift converts)
                        "sketch": buffer(blocks, b, 2, k, c, dtype=x.dtype, device=torch.device("cpu"))})
 
-    def reserve(self) -> int:
-        """The slot of the call starting now, making room for it."""
+    def reserve(self, capacity: int) -> int:
+        """The slot of the call starting now, making room for it: `capacity` calls at first, then twice as many."""
         n = len(self.steps)
         for name, t in self.buffers.items():
             if n == len(t):
-                grown = t.new_empty((max(32, 2 * n), *t.shape[1:]))
+                grown = t.new_empty((max(capacity, 2 * n), *t.shape[1:]))
                 grown[:n] = t
                 self.buffers[name] = grown
         return n
@@ -111,8 +111,10 @@ class Recorder:
     reads every past sketch again at each call.
     """
 
-    def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None) -> None:
-        self.lags, self.sketch_tokens, self.on_step = lags, sketch_tokens, on_step
+    def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None,
+                 steps: int = 32) -> None:
+        """`steps`: the calls per branch to expect (the buffers grow past them, at the cost of a copy)."""
+        self.lags, self.sketch_tokens, self.on_step, self.capacity = lags, sketch_tokens, on_step, steps
         self.branches: list[str] = []
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (branch, step) -> arrays over blocks, (L, ...)
         self.steps: dict[int, tuple[float, float, float]] = {}
@@ -168,7 +170,7 @@ class Recorder:
                 self._history[b] = _History.empty(session.num_blocks, x, len(self._subset))
                 self._power = session.config.policy.saliency_power
             h = self._history[b]
-            slot = h.reserve()
+            slot = h.reserve(self.capacity)
             host = h.buffers["sketch"][slot]
             sketch = host if host.device == x.device else torch.empty(host.shape, dtype=host.dtype, device=x.device)
             self._call = _Call(b, step.step, slot, session.grid, sketch)
@@ -439,7 +441,8 @@ def profile(
     transformer = runtime.find_transformer(pipe)
     recorders, refs, run_secs = [], [], []
     for i, req in enumerate(requests):
-        rec = Recorder(lags, sketch_tokens, on_step=(lambda s, i=i: on_progress(i, s)) if on_progress else None)
+        rec = Recorder(lags, sketch_tokens, on_step=(lambda s, i=i: on_progress(i, s)) if on_progress else None,
+                       steps=req.steps)
         session = runtime.apply(pipe, policy, observer=rec)
         handles = call_timer(transformer, lambda secs, rec=rec, session=session: rec.on_call(session, secs))
         try:
