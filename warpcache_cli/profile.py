@@ -45,35 +45,41 @@ class _History:
     """One CFG branch's recording, all blocks together.
 
     `full` holds each block's last input and residual in the model's dtype, the recorder's one full-size
-    copy: the block hook compares the new tensors against it, then overwrites it in place. What the
+    copy: the block hook compares the new tensors against it, then overwrites it in place. `inputs` holds the
+    input sketches of the last `lags + 1` calls, a ring the block hook compares each new sketch with (by
+    `policy.drift`'s own `vecdot`), so only residual sketches are kept for every step. What the
     block hook reduces them to is written straight into per-step buffers (`steps` slots, capacity doubling
     when full), which `Recorder.close` turns into the trace's tables once the generation is over, every
     step at once.
     """
 
     full: torch.Tensor  # (L, B, 2, N, C) each block's last input and residual
+    inputs: torch.Tensor  # (G + 1, L, B, K, C) input sketches, call n's in place n mod (G + 1)
     buffers: dict[str, torch.Tensor]  # per step (capacity, ...); see `empty`
     steps: list[int] = field(default_factory=list)  # the step of each call recorded
     frame_map: torch.Tensor | None = None  # (L B, F, H, W) the last call's warp maps and their directions,
     direction: torch.Tensor | None = None  # where this call measures warping
 
     @classmethod
-    def empty(cls, blocks: int, x: torch.Tensor, k: int) -> _History:
+    def empty(cls, blocks: int, x: torch.Tensor, k: int, lags: int, sketch_tokens: int) -> _History:
         b, n, c = x.shape
         dev = x.device
 
         def buffer(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device = dev) -> torch.Tensor:
             return torch.empty(0, *shape, dtype=dtype, device=device)
 
-        return cls(torch.empty(blocks, b, 2, n, c, device=dev, dtype=x.dtype), {
+        return cls(torch.empty(blocks, b, 2, n, c, device=dev, dtype=x.dtype),
+                   torch.zeros(lags + 1, blocks, b, k, c, device=dev, dtype=x.dtype), {
                        "dots": buffer(blocks, b, 2, n),  # per-token dots of input and residual with the last step's
                        "token_norm": buffer(blocks, b, 2, n),  # token norms of input and residual
                        "x_dot_r": buffer(blocks, b),
                        "sketch_sq": buffer(blocks, b, k),  # the input sketch's squared token norms
                        "sketch_x_dot_r": buffer(blocks, b),  # input sketch . residual sketch
-                       # input and residual sketches in host memory and the model's dtype (what the live
-                       # policy's drift converts)
-                       "sketch": buffer(blocks, b, 2, k, c, dtype=x.dtype, device=torch.device("cpu"))})
+                       # per token, the input sketch's dots with each sketch in `inputs`, in the ring's order
+                       "ring_dots": buffer(blocks, lags + 1, b, k),
+                       "sketch_in": buffer(blocks, b, sketch_tokens, c, dtype=x.dtype),  # what the trace keeps
+                       # residual sketches in host memory and the model's dtype
+                       "sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu"))})
 
     def reserve(self, capacity: int) -> int:
         """The slot of the call starting now, making room for it: `capacity` calls at first, then twice as many."""
@@ -94,7 +100,7 @@ class _Call:
     step: int
     slot: int  # in the branch's per-step buffers
     grid: tuple[int, int, int] | None
-    sketch: torch.Tensor  # (L, B, 2, K, C) this call's sketches: its slot of the host buffer, or a device copy
+    sketch: torch.Tensor  # (L, B, K, C) this call's residual sketches: its slot of the host buffer, or a device copy
     seconds: list[float] = field(default_factory=list)
     past_r: list[torch.Tensor] = field(default_factory=list)  # per block, the last call's residual, when warping
 
@@ -138,13 +144,22 @@ class Recorder:
             for b, h in self._history.items():
                 n = len(h.steps)
                 buf = {k: v[:n] for k, v in h.buffers.items()}
-                xs, rs = buf["sketch"][:, :, :, 0], buf["sketch"][:, :, :, 1]
+                # call s's dots at lag j sit at ring place (s - j) mod (G + 1); before step 0 they are masked later
+                width = self.lags + 1
+                places = (torch.arange(n)[:, None] - torch.arange(1, width)) % width  # (S, G)
+                x_dots = buf["ring_dots"].gather(2, places.to(buf["ring_dots"].device)[:, None, :, None, None]
+                                                 .expand(n, buf["ring_dots"].shape[1], self.lags,
+                                                         *buf["ring_dots"].shape[3:]))  # (S, L, G, B, K)
+                rs = buf["sketch"]
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
-                tables = [_lag_tables(xs[:, i: i + 1].float(), rs[:, i: i + 1].float(), buf["sketch_sq"][:, i: i + 1],
-                                      buf["sketch_x_dot_r"][:, i: i + 1], self.lags, self.sketch_tokens)
-                          for i in range(xs.shape[1])]
+                tables = [_lag_tables(x_dots[:, i: i + 1], rs[:, i: i + 1].float(), buf["sketch_sq"][:, i: i + 1],
+                                      buf["sketch_x_dot_r"][:, i: i + 1], self.lags)
+                          for i in range(rs.shape[1])]
                 columns = {key: np.concatenate([t[key] for t in tables], axis=1) for key in tables[0]}
+                if self.sketch_tokens:
+                    columns["sketch_in"] = buf["sketch_in"].half().cpu().numpy()
+                    columns["sketch_res"] = rs[..., : self.sketch_tokens, :].half().cpu().numpy()
                 columns.update(_full_tensor_tables(buf["token_norm"], buf["dots"], buf["x_dot_r"], self._power))
                 for key, table in columns.items():  # (S, L, ...)
                     for s, row in zip(h.steps, table):
@@ -167,7 +182,8 @@ class Recorder:
             if b not in self._history:
                 self._subset = session.subset(x.shape[1], x.device)
                 self.token_subset = self._subset.cpu()
-                self._history[b] = _History.empty(session.num_blocks, x, len(self._subset))
+                self._history[b] = _History.empty(session.num_blocks, x, len(self._subset), self.lags,
+                                                  self.sketch_tokens)
                 self._power = session.config.policy.saliency_power
             h = self._history[b]
             slot = h.reserve(self.capacity)
@@ -186,11 +202,15 @@ class Recorder:
                     call.past_r.append(full[:, 1].clone())
             full[:, 0].copy_(x)
             full[:, 1].copy_(residual)
-            torch.index_select(full, 2, self._subset, out=call.sketch[layer])
-            sketch = call.sketch[layer].float()  # (B, 2, K, C); its reductions now, while it is in cache
-            torch.linalg.vecdot(sketch[:, 0], sketch[:, 0], out=buf["sketch_sq"][call.slot, layer])
-            torch.linalg.vecdot(sketch[:, 0].flatten(1), sketch[:, 1].flatten(1),
-                                out=buf["sketch_x_dot_r"][call.slot, layer])
+            ring = h.inputs[:, layer]  # (G + 1, B, K, C)
+            place = call.slot % len(ring)
+            torch.index_select(x, 1, self._subset, out=ring[place])
+            torch.index_select(residual, 1, self._subset, out=call.sketch[layer])
+            x_sketch, r_sketch = ring[place].float(), call.sketch[layer].float()  # (B, K, C), while in cache
+            torch.linalg.vecdot(x_sketch, ring.float(), out=buf["ring_dots"][call.slot, layer])
+            torch.linalg.vecdot(x_sketch, x_sketch, out=buf["sketch_sq"][call.slot, layer])
+            torch.linalg.vecdot(x_sketch.flatten(1), r_sketch.flatten(1), out=buf["sketch_x_dot_r"][call.slot, layer])
+            buf["sketch_in"][call.slot, layer].copy_(ring[place, :, : self.sketch_tokens])
             torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
             for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
                 torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
@@ -275,42 +295,33 @@ def _full_tensor_tables(token_norm: torch.Tensor, dots: torch.Tensor, x_dot_r: t
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
-def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, x_sq: torch.Tensor, x_dot_r: torch.Tensor, lags: int,
-                sketch_tokens: int) -> dict[str, np.ndarray]:
+def _lag_tables(x_dots: torch.Tensor, rs: torch.Tensor, x_sq: torch.Tensor, x_dot_r: torch.Tensor, lags: int
+                ) -> dict[str, np.ndarray]:
     """Each step's sketches against the previous steps': drift and reuse error for `lags` steps back, the
     Gram table of residuals for `2 lags + 1`; arrays (S, L, ...).
 
-    `xs` and `rs` are (S, L, B, K, C): per step, input and residual on K subset tokens; `x_sq` (S, L, B, K) the
-    inputs' squared token norms, `x_dot_r` (S, L, B) their dots with the residuals (taken by the block hook,
-    `policy.drift`'s own `vecdot` on the same (B, K, C) tensors). Every token's
-    dots over all pairs of steps are one batched matrix product, which reads each sketch once where
-    comparing step by step reads it again for each lag. Drift is `policy.drift_from_dots` on these dots;
-    at lag 1 the dots are `policy.drift`'s own (`vecdot`), so the lag-1 drift is what the live policy
-    measures on the same trajectory, bit for bit (further lags are only compared after a reuse, off that
-    trajectory). The products are float32, their differences float64: float64 sketches cost 10% more
-    time and moved no replayed PSNR estimate by more than 0.03 dB (120 configs). The live policy takes
-    the largest drift over the batch; so do the tables.
+    `x_dots` (S, L, G, B, K) are each input sketch token's dots with the same token 1 .. G steps back, taken by
+    the block hook with `policy.drift`'s own `vecdot`, so the drift at every lag is what the live policy would
+    measure between the same two inputs, bit for bit; `rs` (S, L, B, K, C) the residuals on the K subset tokens,
+    `x_sq` (S, L, B, K) the inputs' squared token norms, `x_dot_r` (S, L, B) their dots with the residuals.
+    The residuals' dots over all pairs of steps are one batched matrix product, which reads each sketch once
+    where comparing step by step reads it again for each lag. The products are float32, their differences
+    float64: float64 sketches cost 10% more time and moved no replayed PSNR estimate by more than 0.03 dB
+    (120 configs). The live policy takes the largest drift over the batch; so do the tables.
     """
-    steps, g = len(xs), lags
-    tokens = xs.permute(1, 2, 3, 0, 4)  # (L, B, K, S, C), a view the batched products take as it is
+    steps, g = len(rs), lags
     sq = x_sq.permute(1, 2, 3, 0)  # (L, B, K, S)
     flat = rs.flatten(-2).permute(1, 2, 0, 3)  # (L, B, S, K C)
     gram = (flat @ flat.transpose(-1, -2)).double()  # (L, B, S, S): <r_s, r_t>
     back = torch.arange(steps)[:, None] - torch.arange(2 * g + 2)  # (S, J): step s - j
     valid, back = back >= 0, back.clamp_min(0)
-
-    def lagged(t: torch.Tensor, j: int) -> torch.Tensor:
-        """t[..., s, s - j] for j = 0 .. J - 1 (clamped at step 0) from t[..., s, t], (..., S, J)."""
-        return t.gather(-1, back[:, :j].expand(*t.shape[:-1], j))
-
-    dots = lagged(tokens @ tokens.transpose(-1, -2), g + 1)[..., 1:]  # (L, B, K, S, G)
-    dots[..., 1:, 0] = torch.linalg.vecdot(tokens[..., 1:, :], tokens[..., :-1, :])
     lags_back = back[:, 1: g + 1]  # (S, G)
-    dots, now, past = (t.permute(0, 1, 3, 4, 2).contiguous() for t in (dots, sq[..., None].expand_as(dots),
-                                                                      sq[..., lags_back]))  # (L, B, S, G, K)
+    dots = x_dots.permute(1, 3, 0, 2, 4).contiguous()  # (L, B, S, G, K)
+    now, past = (t.permute(0, 1, 3, 4, 2).contiguous() for t in (sq[..., None].expand(*sq.shape, g),
+                                                                 sq[..., lags_back]))  # (L, B, S, G, K)
     drift = drift_from_dots(dots, now, past, DRIFT_VARIANTS).amax(dim=2).permute(1, 2, 3, 0)  # (L, S, G, M)
     drift[:, ~valid[:, 1: g + 1]] = torch.nan  # before step 0
-    pairs = lagged(gram, 2 * g + 2) * valid  # (L, B, S, J): <r_s, r_{s - j}>, 0 before step 0
+    pairs = gram.gather(-1, back.expand(*gram.shape[:-1], 2 * g + 2)) * valid  # (L, B, S, J): <r_s, r_{s - j}>
     r_sq = pairs[..., 0]
     x_dot_r = x_dot_r.double().permute(1, 2, 0)
     out_sq = sq.double().sum(dim=2) + r_sq + 2 * x_dot_r  # (L, B, S): ||x_s + r_s||^2
@@ -319,8 +330,6 @@ def _lag_tables(xs: torch.Tensor, rs: torch.Tensor, x_sq: torch.Tensor, x_dot_r:
     reuse[:, ~valid[:, 1: g + 1]] = torch.nan
     rows = {"drift": drift.transpose(0, 1), "reuse_err": reuse.transpose(0, 1),
             "res_dot": pairs.sum(dim=1).transpose(0, 1), "out_sq": out_sq.sum(dim=1).transpose(0, 1)}
-    if sketch_tokens:
-        rows["sketch_in"], rows["sketch_res"] = xs[..., :sketch_tokens, :].half(), rs[..., :sketch_tokens, :].half()
     return {k: v.cpu().numpy() for k, v in rows.items()}
 
 
