@@ -110,11 +110,11 @@ class Recorder:
 
     Blocks of the built-in model take milliseconds, so the count of tensor operations and passes over
     memory matters more than arithmetic. The block hook takes the reductions that need the block's full
-    tensors (dots against the last step's, token norms, the sketches) straight into per-step buffers; warp
-    shifts run once the transformer call is over (`on_call`), batched over the blocks; everything else,
-    above all the lag tables that compare each step's sketches with the steps before, runs once the
-    generation is over (`close`), as batched matrix products over all steps, where comparing call by call
-    reads every past sketch again at each call.
+    tensors (dots against the last step's, token norms, the sketches) straight into per-step buffers, and
+    compares the input sketch with the last `lags` steps' while it is in cache; warp shifts run once the
+    transformer call is over (`on_call`), batched over the blocks; everything else, above all the residuals'
+    Gram table over `2 lags + 1` steps, runs once the generation is over (`close`), as one batched matrix
+    product over all steps.
     """
 
     def __init__(self, lags: int, sketch_tokens: int, on_step: Callable[[int], None] | None = None,
