@@ -235,16 +235,15 @@ class Replayer:
         span = dots.shape[-1]
         flat = dots.reshape(-1)
         back = span * self.blocks  # a step back in `flat`
-
-        def dot(start: np.ndarray, dist: np.ndarray) -> np.ndarray:  # <r_step, r_{step - dist}>
-            return flat.take(start + np.minimum(dist, span - 1))
-
-        # flat indices of <r_s, r_s>, <r_c, r_c> and <r_p, r_p>; c = s - lag and p = c - gap are never before step 0
+        # flat indices of <r_s, r_s>, <r_c, r_c> and <r_p, r_p>; c = s - lag and p = c - gap are never before step 0.
+        # A block runs at least once in `max_consecutive_reuse + 1` steps and that is at most the trace's lags G
+        # (`check_reach`), so lag + gap <= 2 G + 1 stays in the Gram table's span 2 G + 2; only the curvature's
+        # third computation may lie beyond it
         s_at = np.arange(out_sq.size).reshape(out_sq.shape) * span
         c_at = s_at - lags * back
         p_at = c_at - gaps * back
         g = np.maximum(gaps, 1)
-        big_a = np.where(gaps > 0, weight * lags / g, 0.0)
+        big_a = weight * lags * (gaps > 0) / g
         wc, wp = 1.0 + big_a, -big_a
         if curvature:  # r_q's weight and terms; without curvature they are 0
             h = np.maximum(gaps2, 1)
@@ -252,11 +251,13 @@ class Replayer:
                              curvature * lags * (lags + gaps) / (g + h), 0.0)
             wc, wp, wq = wc + big_b / g, wp - big_b / g - big_b / h, big_b / h
         sq = (flat.take(s_at) + wc * wc * flat.take(c_at) + wp * wp * flat.take(p_at)
-              - 2 * wc * dot(s_at, lags) - 2 * wp * dot(s_at, lags + gaps) + 2 * wc * wp * dot(c_at, gaps))
+              - 2 * wc * flat.take(s_at + lags) - 2 * wp * flat.take(s_at + lags + gaps)
+              + 2 * wc * wp * flat.take(c_at + gaps))
         if curvature:
             q_at = p_at - gaps2 * back
-            sq += (wq * wq * flat.take(q_at) - 2 * wq * dot(s_at, lags + gaps + gaps2)
-                   + 2 * wc * wq * dot(c_at, gaps + gaps2) + 2 * wp * wq * dot(p_at, gaps2))
+            far = np.minimum(lags + gaps + gaps2, span - 1), np.minimum(gaps + gaps2, span - 1)  # beyond: wq is 0
+            sq += (wq * wq * flat.take(q_at) - 2 * wq * flat.take(s_at + far[0])
+                   + 2 * wc * wq * flat.take(c_at + far[1]) + 2 * wp * wq * flat.take(p_at + gaps2))
         return np.sqrt(np.maximum(sq, 0.0) / np.maximum(out_sq, 1e-24))
 
     def _calibrate(self) -> QualityModel | None:
