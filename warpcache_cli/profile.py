@@ -147,14 +147,14 @@ class Recorder:
                 # call s's dots at lag j sit at ring place (s - j) mod (G + 1); before step 0 they are masked later
                 width = self.lags + 1
                 places = (torch.arange(n)[:, None] - torch.arange(1, width)) % width  # (S, G)
-                x_dots = buf["ring_dots"].gather(2, places.to(buf["ring_dots"].device)[:, None, :, None, None]
-                                                 .expand(n, buf["ring_dots"].shape[1], self.lags,
-                                                         *buf["ring_dots"].shape[3:]))  # (S, L, G, B, K)
-                rs = buf["sketch"]
+                ring_dots = buf["ring_dots"].cpu()  # the tables are computed where the residual sketches are
+                x_dots = ring_dots.gather(2, places[:, None, :, None, None].expand(
+                    n, ring_dots.shape[1], self.lags, *ring_dots.shape[3:]))  # (S, L, G, B, K)
+                rs, x_sq, x_dot_r = buf["sketch"], buf["sketch_sq"].cpu(), buf["sketch_x_dot_r"].cpu()
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
-                tables = [_lag_tables(x_dots[:, i: i + 1], rs[:, i: i + 1].float(), buf["sketch_sq"][:, i: i + 1],
-                                      buf["sketch_x_dot_r"][:, i: i + 1], self.lags)
+                tables = [_lag_tables(x_dots[:, i: i + 1], rs[:, i: i + 1].float(), x_sq[:, i: i + 1],
+                                      x_dot_r[:, i: i + 1], self.lags)
                           for i in range(rs.shape[1])]
                 columns = {key: np.concatenate([t[key] for t in tables], axis=1) for key in tables[0]}
                 if self.sketch_tokens:
