@@ -105,6 +105,14 @@ def test_cli_profile_and_info(tmp_path):
     res = runner.invoke(app, ["trace", "info", str(out), "--json"])
     info = json.loads(res.stdout)
     assert res.exit_code == 0 and info["runs"] == 2 and info["steps"] == 3 and info["blocks"] == 6
+    # what the recording cost and what calibrated it, from the trace's own measurements
+    trace = Trace.load(out)
+    assert info["recording_seconds"] == pytest.approx(trace.arrays["run_seconds"].tolist(), abs=1e-3)
+    assert info["recording_ratio"] == pytest.approx(
+        float(np.median(trace.arrays["run_seconds"])) / trace.meta["plain_seconds"], abs=1e-3)
+    psnr = [v for v in trace.meta["calibration"]["psnr"] if v is not None]
+    assert info["calibration_runs"] == len(psnr) >= 1
+    assert info["calibration_psnr"] == pytest.approx([min(psnr), max(psnr)], abs=0.01)
 
 
 def _bad_files(tmp_path, trace):

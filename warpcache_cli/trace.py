@@ -150,10 +150,26 @@ class Trace:
             "sketch_tokens": m.get("sketch_tokens"),
             "lags": self.lags,
             "bytes": size,
+            **self._costs(),
             "recorded": sorted(self.arrays),
             "format_version": m.get("format_version"),
             "package_version": m.get("package_version"),
         }
+
+    def _costs(self) -> dict[str, Any]:
+        """What the recording cost and what calibrated it, as measured: each recorded run's wall time against the
+        plain run `profile` times after them (single runs), and the calibration runs' PSNR range."""
+        out: dict[str, Any] = {}
+        plain, runs = self.meta.get("plain_seconds"), self.arrays.get("run_seconds")
+        if plain and runs is not None and len(runs):
+            out["recording_seconds"] = [round(float(t), 3) for t in runs]
+            out["plain_seconds"] = round(float(plain), 3)
+            out["recording_ratio"] = round(float(np.median(runs)) / float(plain), 3)
+        psnr = [v for v in (self.meta.get("calibration") or {}).get("psnr", []) if v is not None]
+        if psnr:
+            out["calibration_runs"] = len(psnr)
+            out["calibration_psnr"] = [round(min(psnr), 2), round(max(psnr), 2)]
+        return out
 
 
 def _parse_meta(path: Path, raw: str | None) -> dict[str, Any]:

@@ -88,8 +88,12 @@ def profile_command(
     if json_out:
         print_json(info)
         return
+    cost = f"{info['recording_ratio']:.2f}x plain" if "recording_ratio" in info else "-"
+    low, high = info.get("calibration_psnr", (0.0, 0.0))
+    calibration = f"{info['calibration_runs']} runs, {low:.1f}-{high:.1f} dB" if "calibration_runs" in info else "none"
     table(
         f"trace {out}",
-        ["runs", "branches", "steps", "blocks", "size"],
-        [[info["runs"], ",".join(info["branches"]), info["steps"], info["blocks"], f"{info['bytes'] / 1e6:.2f} MB"]],
+        ["runs", "branches", "steps", "blocks", "size", "recording (median run)", "calibration"],
+        [[info["runs"], ",".join(info["branches"]), info["steps"], info["blocks"], f"{info['bytes'] / 1e6:.2f} MB",
+          cost, calibration]],
     )
