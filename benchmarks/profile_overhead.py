@@ -3,7 +3,9 @@
     python benchmarks/profile_overhead.py --repeats 3
 
 Goals: recording costs at most 1.15x the plain run; a 30-step trace at the default token
-subset is at most 5 MB.
+subset is at most 5 MB. The ratio depends on the torch threads (`--threads`, default 1): the recorder's
+small operations do not speed up with more threads the way the model does, and the CLI uses torch's
+default (every core).
 """
 
 from __future__ import annotations
