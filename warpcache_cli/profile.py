@@ -145,11 +145,11 @@ class Recorder:
                 n = len(h.steps)
                 buf = {k: v[:n] for k, v in h.buffers.items()}
                 # call s's dots at lag j sit at ring place (s - j) mod (G + 1); before step 0 they are masked later
-                width = self.lags + 1
+                width = len(h.inputs)  # the ring's G + 1 places
                 places = (torch.arange(n)[:, None] - torch.arange(1, width)) % width  # (S, G)
                 ring_dots = buf["ring_dots"].cpu()  # the tables are computed where the residual sketches are
                 x_dots = ring_dots.gather(2, places[:, None, :, None, None].expand(
-                    n, ring_dots.shape[1], self.lags, *ring_dots.shape[3:]))  # (S, L, G, B, K)
+                    n, ring_dots.shape[1], width - 1, *ring_dots.shape[3:]))  # (S, L, G, B, K)
                 rs, x_sq, x_dot_r = buf["sketch"], buf["sketch_sq"].cpu(), buf["sketch_x_dot_r"].cpu()
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)

@@ -89,8 +89,10 @@ def profile_command(
         print_json(info)
         return
     cost = f"{info['recording_ratio']:.2f}x plain" if "recording_ratio" in info else "-"
-    low, high = info.get("calibration_psnr", (0.0, 0.0))
-    calibration = f"{info['calibration_runs']} runs, {low:.1f}-{high:.1f} dB" if "calibration_runs" in info else "none"
+    calibration = "none"
+    if "calibration_runs" in info:
+        low, high = info["calibration_psnr"]
+        calibration = f"{info['calibration_runs']} runs, {low:.1f}-{high:.1f} dB"
     table(
         f"trace {out}",
         ["runs", "branches", "steps", "blocks", "size", "recording (median run)", "calibration"],

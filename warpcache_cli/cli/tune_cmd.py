@@ -175,4 +175,3 @@ def measured_min(c: Candidate, requests: int) -> str:
         return "-"
     low = f"{c.measured_psnr:.1f}"
     return low if len(c.measured) >= requests else f"{low} (dropped at request {len(c.measured)} of {requests})"
-
