@@ -110,7 +110,8 @@ def generate(pipe: Any, req: Request) -> np.ndarray:
             kwargs[name] = value
     if "output_type" in params:
         kwargs["output_type"] = "np"
-    frames = pipe(**kwargs).frames[0]
+    with torch.no_grad():  # a pipeline without its own: no graph, and the hooks' observers write into buffers
+        frames = pipe(**kwargs).frames[0]
     if isinstance(frames, torch.Tensor):
         frames = frames.float().cpu().numpy()
     return np.asarray(frames, dtype=np.float32)

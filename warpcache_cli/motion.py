@@ -279,21 +279,34 @@ def content_motion(video: Tensor, grid: tuple[int, int, int] | None = None, radi
 
     ``video`` is a latent or pixel tensor ``(B, C, F, H, W)``, or tokens ``(B, N, C)`` with ``grid``.
     """
-    if radius <= 0:
-        raise ValueError(f"content_motion radius must be positive, got {radius}")
     if grid is not None:
         frames = _as_frames(video, grid)
     elif video.dim() == 5:
         frames = video.float().permute(0, 2, 3, 4, 1)
     else:
         raise ValueError(f"content_motion needs (B, C, F, H, W) or (B, N, C) with grid, got {tuple(video.shape)}")
-    if frames.shape[1] < 2:
-        return 0.0
-    maps, _ = _reduce(frames)
+    return _motion(frames[None], radius)[0]
+
+
+def content_motions(videos: list[Tensor], radius: float = 4.0) -> list[float]:
+    """`content_motion` of each of several ``(B, C, F, H, W)`` videos of one shape, as one batch: a video
+    latent's few maps make the estimate a few dozen small operations, which one batch pays once."""
+    frames = torch.stack(videos).float().permute(0, 1, 3, 4, 5, 2)  # (V, B, F, H, W, C)
+    return _motion(frames, radius)
+
+
+def _motion(frames: Tensor, radius: float) -> list[float]:
+    """Each video's mean shift between neighbouring frames over ``radius``, clipped to [0, 1]; frames
+    ``(V, B, F, H, W, C)``."""
+    if radius <= 0:
+        raise ValueError(f"content_motion radius must be positive, got {radius}")
+    v, b = frames.shape[:2]
+    if frames.shape[2] < 2:
+        return [0.0] * v
+    maps, _ = _reduce(frames.flatten(0, 1))
     spectra = _spectrum(maps)
-    shifts = _shift_between(spectra[:, :-1], spectra[:, 1:])
-    speed = float(shifts.norm(dim=-1).mean())
-    return min(max(speed / radius, 0.0), 1.0)
+    speeds = _shift_between(spectra[:, :-1], spectra[:, 1:]).norm(dim=-1).view(v, -1).mean(dim=1)
+    return [min(max(s / radius, 0.0), 1.0) for s in speeds.tolist()]
 
 
 def warp_tokens(residual: Tensor, shift: Tensor, grid: tuple[int, int, int]) -> Tensor:

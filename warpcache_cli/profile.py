@@ -33,6 +33,8 @@ from warpcache_cli.trace import DRIFT_VARIANTS, Trace
 DEFAULT_LAGS = 8
 DEFAULT_SKETCH_TOKENS = 16
 WARP_EVERY = 3
+_MOTION_BATCH = 8  # steps whose motion is estimated together, at most (their videos are kept until then)
+_CHUNK_BYTES = 64 << 20  # float32 temporaries of the per-call reductions, at most about this
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -46,11 +48,10 @@ class _History:
 
     `full` holds each block's last input and residual in the model's dtype, the recorder's one full-size
     copy: the block hook compares the new tensors against it, then overwrites it in place. `inputs` holds the
-    input sketches of the last `lags + 1` calls, a ring the block hook compares each new sketch with (by
-    `policy.drift`'s own `vecdot`), so only residual sketches are kept for every step. What the
-    block hook reduces them to is written straight into per-step buffers (`steps` slots, capacity doubling
-    when full), which `Recorder.close` turns into the trace's tables once the generation is over, every
-    step at once.
+    input sketches of the last `lags + 1` calls, a ring each call's new sketches are compared with (by
+    `policy.drift`'s own sum of products), so only residual sketches are kept for every step. What they are
+    reduced to is written straight into per-step buffers (`steps` slots, capacity doubling when full),
+    which `Recorder.close` turns into the trace's tables once the generation is over, every step at once.
     """
 
     full: torch.Tensor  # (L, B, 2, N, C) each block's last input and residual
@@ -59,6 +60,8 @@ class _History:
     steps: list[int] = field(default_factory=list)  # the step of each call recorded
     frame_map: torch.Tensor | None = None  # (L B, F, H, W) the last call's warp maps and their directions,
     direction: torch.Tensor | None = None  # where this call measures warping
+    # float32 room for the products `_vecdot` sums: a block's (B, N, C), and a chunk of blocks' ring (G + 1, l, B, K, C)
+    products: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, blocks: int, x: torch.Tensor, k: int, lags: int, sketch_tokens: int) -> _History:
@@ -68,18 +71,22 @@ class _History:
         def buffer(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device = dev) -> torch.Tensor:
             return torch.empty(0, *shape, dtype=dtype, device=device)
 
+        chunk = min(blocks, max(1, _CHUNK_BYTES // (b * 2 * n * c * 4)))  # blocks `Recorder._reduce_call` takes at once
+        products = {"block": torch.empty(b, n, c, device=dev),
+                    "ring": torch.empty(lags + 1, chunk, b, k, c, device=dev)}
         return cls(torch.empty(blocks, b, 2, n, c, device=dev, dtype=x.dtype),
                    torch.zeros(lags + 1, blocks, b, k, c, device=dev, dtype=x.dtype), {
                        "dots": buffer(blocks, b, 2, n),  # per-token dots of input and residual with the last step's
                        "token_norm": buffer(blocks, b, 2, n),  # token norms of input and residual
                        "x_dot_r": buffer(blocks, b),
-                       "sketch_sq": buffer(blocks, b, k),  # the input sketch's squared token norms
                        "sketch_x_dot_r": buffer(blocks, b),  # input sketch . residual sketch
                        # per token, the input sketch's dots with each sketch in `inputs`, in the ring's order
-                       "ring_dots": buffer(blocks, lags + 1, b, k),
+                       # (its own place: its squared token norms)
+                       "ring_dots": buffer(lags + 1, blocks, b, k),
                        "sketch_in": buffer(blocks, b, sketch_tokens, c, dtype=x.dtype),  # what the trace keeps
                        # residual sketches in host memory and the model's dtype
-                       "sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu"))})
+                       "sketch": buffer(blocks, b, k, c, dtype=x.dtype, device=torch.device("cpu"))},
+                   products=products)
 
     def reserve(self, capacity: int) -> int:
         """The slot of the call starting now, making room for it: `capacity` calls at first, then twice as many."""
@@ -109,10 +116,10 @@ class Recorder:
     """A `BlockObserver` that turns one full-compute generation into per-block rows.
 
     Blocks of the built-in model take milliseconds, so the count of tensor operations and passes over
-    memory matters more than arithmetic. The block hook takes the reductions that need the block's full
-    tensors (dots against the last step's, token norms, the sketches) straight into per-step buffers, and
-    compares the input sketch with the last `lags` steps' while it is in cache; warp shifts run once the
-    transformer call is over (`on_call`), batched over the blocks; everything else, above all the residuals'
+    memory matters more than arithmetic. The block hook takes only what needs the last call's tensors before
+    it overwrites them (per-token dots with them); once the transformer call is over (`on_call`) the
+    sketches, their comparison with the last `lags` steps', the token norms and the warp shifts run batched
+    over the blocks, and the motion estimate batched over steps; everything else, above all the residuals'
     Gram table over `2 lags + 1` steps, runs once the generation is over (`close`), as one batched matrix
     product over all steps.
     """
@@ -123,7 +130,8 @@ class Recorder:
         self.lags, self.sketch_tokens, self.on_step, self.capacity = lags, sketch_tokens, on_step, steps
         self.branches: list[str] = []
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}  # (branch, step) -> arrays over blocks, (L, ...)
-        self.steps: dict[int, tuple[float, float, float]] = {}
+        self.steps: dict[int, tuple[float, float, float]] = {}  # step -> timestep, position, motion
+        self._motion_sources: dict[int, torch.Tensor] = {}  # step -> the video of a motion not estimated yet
         self.call_seconds: dict[tuple[int, int], float] = {}  # (branch, step) -> wall time of the whole call
         self._history: dict[int, _History] = {}
         self._call: _Call | None = None
@@ -140,6 +148,7 @@ class Recorder:
     def close(self) -> None:
         """The generation is over: turn each branch's buffers into the rows' tables, then drop them."""
         self._flush()
+        self._estimate_motion()
         with torch.no_grad():
             for b, h in self._history.items():
                 n = len(h.steps)
@@ -148,9 +157,10 @@ class Recorder:
                 width = len(h.inputs)  # the ring's G + 1 places
                 places = (torch.arange(n)[:, None] - torch.arange(1, width)) % width  # (S, G)
                 ring_dots = buf["ring_dots"].cpu()  # the tables are computed where the residual sketches are
-                x_dots = ring_dots.gather(2, places[:, None, :, None, None].expand(
-                    n, ring_dots.shape[1], width - 1, *ring_dots.shape[3:]))  # (S, L, G, B, K)
-                rs, x_sq, x_dot_r = buf["sketch"], buf["sketch_sq"].cpu(), buf["sketch_x_dot_r"].cpu()
+                x_dots = ring_dots.gather(1, places[:, :, None, None, None].expand(
+                    n, width - 1, *ring_dots.shape[2:])).transpose(1, 2)  # (S, L, G, B, K)
+                x_sq = ring_dots[torch.arange(n), torch.arange(n) % width]  # (S, L, B, K)
+                rs, x_dot_r = buf["sketch"], buf["sketch_x_dot_r"].cpu()
                 # block by block: the temporaries stay small enough for the allocator to reuse, where all
                 # blocks' at once are fresh memory, each page faulted in (measured 2x slower on the built-in model)
                 tables = [_lag_tables(x_dots[:, i: i + 1], rs[:, i: i + 1].float(), x_sq[:, i: i + 1],
@@ -173,7 +183,11 @@ class Recorder:
             self.branches.append(session.branch)
         b = self.branches.index(session.branch)
         if step.step not in self.steps:
-            self.steps[step.step] = (step.timestep, step.position, session.motion)
+            self.steps[step.step] = (step.timestep, step.position, 0.0)
+            if session.motion_source is not None:  # estimated later, several steps in one batch
+                self._motion_sources[step.step] = session.motion_source.clone()
+                if len(self._motion_sources) == _MOTION_BATCH:
+                    self._estimate_motion()
             if self.on_step:
                 self.on_step(step.step)
         if self._call is not None and (self._call.branch, self._call.step) != (b, step.step):
@@ -192,29 +206,40 @@ class Recorder:
             self._call = _Call(b, step.step, slot, session.grid, sketch)
         call, h = self._call, self._history[self._call.branch]
         buf = h.buffers
-        with torch.no_grad():  # reductions of the block's tensors while they are in cache; no new full-size tensor
-            full = h.full[layer]
-            xf, rf = x.float(), residual.float()
-            if call.slot:
-                torch.linalg.vecdot(xf, full[:, 0].float(), out=buf["dots"][call.slot, layer, :, 0])
-                torch.linalg.vecdot(rf, full[:, 1].float(), out=buf["dots"][call.slot, layer, :, 1])
-                if h.frame_map is not None:
-                    call.past_r.append(full[:, 1].clone())
-            full[:, 0].copy_(x)
-            full[:, 1].copy_(residual)
-            ring = h.inputs[:, layer]  # (G + 1, B, K, C)
-            place = call.slot % len(ring)
-            torch.index_select(x, 1, self._subset, out=ring[place])
-            torch.index_select(residual, 1, self._subset, out=call.sketch[layer])
-            x_sketch, r_sketch = ring[place].float(), call.sketch[layer].float()  # (B, K, C), while in cache
-            torch.linalg.vecdot(x_sketch, ring.float(), out=buf["ring_dots"][call.slot, layer])
-            torch.linalg.vecdot(x_sketch, x_sketch, out=buf["sketch_sq"][call.slot, layer])
-            torch.linalg.vecdot(x_sketch.flatten(1), r_sketch.flatten(1), out=buf["sketch_x_dot_r"][call.slot, layer])
-            buf["sketch_in"][call.slot, layer].copy_(ring[place, :, : self.sketch_tokens])
-            torch.linalg.vector_norm(full, dim=-1, dtype=torch.float32, out=buf["token_norm"][call.slot, layer])
-            for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
-                torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
+        # what needs the last call's tensors, before they are overwritten; the rest at `_flush`. Pipelines run
+        # without autograd (`generate` makes sure), so this needs no `no_grad` of its own (20 us a block call)
+        if x.requires_grad or residual.requires_grad:  # a caller's own loop that kept autograd on
+            x, residual = x.detach(), residual.detach()
+        full = h.full[layer]
+        xf, rf = x.float(), residual.float()
+        if call.slot:
+            _vecdot(xf, full[:, 0], h.products["block"], buf["dots"][call.slot, layer, :, 0])
+            _vecdot(rf, full[:, 1], h.products["block"], buf["dots"][call.slot, layer, :, 1])
+            if h.frame_map is not None:
+                call.past_r.append(full[:, 1].clone())
+        full[:, 0].copy_(x)
+        full[:, 1].copy_(residual)
+        for i in range(len(xf)):  # a dot per sample: vecdot of flat rows makes a product tensor, 3x slower
+            torch.dot(xf[i].flatten(), rf[i].flatten(), out=buf["x_dot_r"][call.slot, layer, i])
         call.seconds.append(seconds)
+
+    def _reduce_call(self, call: _Call, h: _History) -> None:
+        """The call's sketches and token norms, every block's at once from `full`: a third of the operations
+        the block hook took for them one block at a time (layers in chunks, so temporaries stay bounded)."""
+        buf, full, slot = h.buffers, h.full, call.slot
+        place = slot % len(h.inputs)
+        ring_product = h.products["ring"]
+        chunk = ring_product.shape[1]
+        for lo in range(0, len(full), chunk):
+            hi = min(lo + chunk, len(full))
+            ring = h.inputs[:, lo:hi]  # (G + 1, l, B, K, C)
+            torch.index_select(full[lo:hi, :, 0], 2, self._subset, out=ring[place])
+            torch.index_select(full[lo:hi, :, 1], 2, self._subset, out=call.sketch[lo:hi])
+            x_sketch, r_sketch = ring[place].float(), call.sketch[lo:hi].float()  # (l, B, K, C)
+            _vecdot(x_sketch, ring, ring_product[:, : hi - lo], buf["ring_dots"][slot, :, lo:hi])
+            torch.linalg.vecdot(x_sketch.flatten(2), r_sketch.flatten(2), out=buf["sketch_x_dot_r"][slot, lo:hi])
+            buf["sketch_in"][slot, lo:hi].copy_(ring[place, :, :, : self.sketch_tokens])
+            torch.linalg.vector_norm(full[lo:hi], dim=-1, dtype=torch.float32, out=buf["token_norm"][slot, lo:hi])
 
     def _flush(self) -> None:
         """The call is over: its block times, sketches to host memory, warp errors and maps (batched over blocks)."""
@@ -224,6 +249,7 @@ class Recorder:
         h = self._history[call.branch]
         row: dict[str, Any] = {"block_seconds": np.asarray(call.seconds, np.float32)}
         with torch.no_grad():
+            self._reduce_call(call, h)
             slot = h.buffers["sketch"][call.slot]
             if slot.data_ptr() != call.sketch.data_ptr():
                 slot.copy_(call.sketch)  # to host memory, all blocks at once
@@ -238,16 +264,39 @@ class Recorder:
         h.steps.append(call.step)
         self.rows[(call.branch, call.step)] = row
 
+    def _motion(self, step: int) -> float:
+        if step in self._motion_sources:
+            self._estimate_motion()
+        return self.steps[step][2]
+
+    def _estimate_motion(self) -> None:
+        """The steps' content motion, as the live session estimates it (`content_motion` of the same videos),
+        the videos waiting for it in one batch: one at a time took 2 ms a step on the built-in model."""
+        sources, self._motion_sources = self._motion_sources, {}
+        by_shape: dict[torch.Size, list[int]] = {}
+        for step, video in sources.items():
+            by_shape.setdefault(video.shape, []).append(step)
+        for steps in by_shape.values():
+            for step, m in zip(steps, motion.content_motions([sources[s] for s in steps])):
+                self.steps[step] = (*self.steps[step][:2], m)
+
     def _warp_errors(self, call: _Call, h: _History) -> torch.Tensor:
         """||r - warp(r_prev)|| / ||x + r|| of every block, all blocks' shifts estimated in one batch."""
         xr = h.full.float()  # (L, B, 2, N, C)
         now, _ = motion.frame_maps(xr[:, :, 0].flatten(0, 1), call.grid, h.direction)
         shifts = motion.estimate_shift(h.frame_map, now).mean(dim=1)  # (L B, 2)
         warped, _ = motion.warp_by_shift(torch.stack(call.past_r).flatten(0, 1), shifts, call.grid,
-                                         self.steps[call.step][2])
+                                         self._motion(call.step))
         err = (xr[:, :, 1].flatten(0, 1) - warped.float()).flatten(1).norm(dim=1).view(xr.shape[:2])
         out_norm = _out_norm(h.buffers["token_norm"][call.slot], h.buffers["x_dot_r"][call.slot])
         return (err / out_norm).amax(dim=-1)
+
+
+def _vecdot(x: torch.Tensor, y: torch.Tensor, product: torch.Tensor, out: torch.Tensor) -> None:
+    """`torch.linalg.vecdot(x, y.float(), out=out)` bit for bit (it sums x * y over the last axis), with the product
+    in room held for it: freshly allocated each call, its pages were faulted in again each time (the ring's
+    dots took 0.9 ms a call on the built-in model)."""
+    torch.sum(torch.mul(x, y, out=product), dim=-1, out=out)
 
 
 @contextlib.contextmanager

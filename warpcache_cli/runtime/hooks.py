@@ -60,16 +60,12 @@ class StepHook(ModelHook):
         grid = self.adapter.grid(module, video)
         context = self.context._context  # set by diffusers' cache_context; None when the pipeline gives none
         s = self.session
-        # the source is fixed now: by the time a block asks, this call may have replaced the prediction
+        # the clean video the model predicted last step (the noisy input before that): fixed now, since by the
+        # time a block asks for the motion this call may have replaced the prediction
         source = s.prediction if s.prediction is not None else video
-        s.begin_call(timestep_value(named.get("timestep", 0.0)), context, lambda: self._motion(source), grid)
+        s.begin_call(timestep_value(named.get("timestep", 0.0)), context, source, grid)
         self._named = named if s.step.call == 0 else None
         return args, kwargs
-
-    @staticmethod
-    def _motion(source: torch.Tensor | None) -> float:
-        """Motion of the clean video the model predicted last step; of the noisy input before that."""
-        return motion.content_motion(source) if source is not None else 0.0
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         s = self.session

@@ -7,13 +7,13 @@ and report back. One session per hooked transformer.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from warpcache_cli import motion
 from warpcache_cli.config import Config
 from warpcache_cli.metrics import Metrics
 from warpcache_cli.policy import Action, ceilings, reuse_limit, token_subset
@@ -123,7 +123,7 @@ class CacheSession:
         self.stats = RuntimeStats()
         self.step: StepInfo | None = None
         self._motion: float | None = 0.0
-        self._motion_fn: Callable[[], float] = lambda: 0.0
+        self.motion_source: torch.Tensor | None = None  # this step's video its motion is estimated on
         self._ceilings: tuple[list[float], list[float]] | None = None
         self.reuse_limit = config.policy.max_consecutive_reuse  # this call's (`policy.reuse_limit`)
         self.prediction: torch.Tensor | None = None  # last step's predicted clean video, for the motion estimate
@@ -133,9 +133,10 @@ class CacheSession:
         self._subsets: dict[int, torch.Tensor] = {}
         self._requests: set[str] = set()
 
-    def begin_call(self, timestep: float, context: Any | None, motion_fn: Callable[[], float], grid: Grid | None
-                   ) -> None:
-        """Called once per transformer call, before any block runs."""
+    def begin_call(self, timestep: float, context: Any | None, motion_source: torch.Tensor | None,
+                   grid: Grid | None) -> None:
+        """Called once per transformer call, before any block runs; `motion_source` is the (B, C, F, H, W)
+        video this step's motion is estimated on (`content_motion`), if there is one."""
         info = self.tracker.update(timestep, context)
         self.branch = getattr(context, "name", None) or f"call{info.call}"
         if info.new_generation:
@@ -143,7 +144,7 @@ class CacheSession:
                 self.controller.on_generation(context, grid)  # before any block of the new generation runs
             self._new_generation()
         if info.new_step:
-            self._motion, self._motion_fn = None, motion_fn
+            self._motion, self.motion_source = None, motion_source
         self.step, self.grid = info, grid
         self._ceilings = None
         self.reuse_limit = int(reuse_limit(self.config.policy, info.position))
@@ -152,7 +153,8 @@ class CacheSession:
     def motion(self) -> float:
         """This step's content motion, estimated on first use: steps that never ask (warm-up) never pay for it."""
         if self._motion is None:
-            self._motion = float(self._motion_fn())
+            source = self.motion_source
+            self._motion = motion.content_motion(source) if source is not None else 0.0
         return self._motion
 
     def ceilings(self, layer: int) -> tuple[float, float]:
