@@ -137,6 +137,14 @@ def test_content_motion_is_within_unit_interval_and_deterministic(b, c, f, h, sc
     assert motion.content_motion(x) == m
 
 
+def test_content_motions_estimates_each_video_as_content_motion_does():
+    """The profiler estimates its steps' motion in batches; the trace must hold what the live session reads."""
+    videos = [video(*SLOW_SCENE, speed=s) for s in (0.0, 0.4, 1.0, 1.6)]
+    videos.append(torch.randn_like(videos[0]))
+    assert motion.content_motions(videos) == [motion.content_motion(v) for v in videos]
+    assert motion.content_motions([v[:, :, :1] for v in videos]) == [0.0] * len(videos)  # one frame each
+
+
 def test_content_motion_of_tokens_matches_latents():
     lat = video(*SLOW_SCENE, speed=1.0)
     _, c, f, h, w = lat.shape

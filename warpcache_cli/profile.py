@@ -116,10 +116,11 @@ class Recorder:
     """A `BlockObserver` that turns one full-compute generation into per-block rows.
 
     Blocks of the built-in model take milliseconds, so the count of tensor operations and passes over
-    memory matters more than arithmetic. The block hook takes only what needs the last call's tensors before
-    it overwrites them (per-token dots with them); once the transformer call is over (`on_call`) the
-    sketches, their comparison with the last `lags` steps', the token norms and the warp shifts run batched
-    over the blocks, and the motion estimate batched over steps; everything else, above all the residuals'
+    memory matters more than arithmetic. The block hook takes what needs the last call's tensors before it
+    overwrites them (per-token dots with them) and what reads the new ones whole while they are in cache
+    (token norms, x . r); once the transformer call is over (`on_call`) the sketches, their comparison with
+    the last `lags` steps' and the warp shifts run batched over the blocks, and the motion estimate batched
+    over steps; everything else, above all the residuals'
     Gram table over `2 lags + 1` steps, runs once the generation is over (`close`), as one batched matrix
     product over all steps.
     """
