@@ -300,7 +300,7 @@ def _motion(frames: Tensor, radius: float) -> list[float]:
     ``(V, B, F, H, W, C)``."""
     if radius <= 0:
         raise ValueError(f"content_motion radius must be positive, got {radius}")
-    v, b = frames.shape[:2]
+    v = len(frames)
     if frames.shape[2] < 2:
         return [0.0] * v
     maps, _ = _reduce(frames.flatten(0, 1))
