@@ -309,3 +309,42 @@ def test_cached_psnr_is_exact_without_reuse_and_leaves_the_model_unhooked(builti
     (exact, other_seed), (reusing, _) = cached_psnr(builtin, [NEVER, AGGRESSIVE], requests)
     assert math.isinf(exact) and math.isinf(other_seed) and 5 < reusing < 60
     assert (generate(builtin, requests[1]) == before).all()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_skip_calls_skips_the_whole_call_and_forecasts_its_output(arch):
+    model, inputs = build(arch)
+    counts = count_block_runs(model)
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    calls = [0]
+
+    def keep(module, args, output) -> None:  # every call's output, skipped or not, by (step, branch)
+        outputs[divmod(calls[0], 2)] = output[0].clone()
+        calls[0] += 1
+
+    model.register_forward_hook(keep)
+    # computes steps 0, 1, then every 3rd: 0 1 4 7; steps 2 3 5 6 skip both branches' calls
+    cfg = wc.Config.default().with_schedule(3, 2, forecast=1.0, skip_calls=True)
+    session = wc.apply(model, cfg)
+    cached = denoise(model, inputs, steps=8, branches=("cond", "uncond"))
+    wc.remove(model)
+    assert counts == [2 * 4] * len(counts), "the blocks run in computed calls only"
+    assert torch.isfinite(cached).all()
+    assert session.stats.counts[wc.Action.REUSE] == 2 * 4 * len(counts)
+    assert session.stats.decision_map()[0].tolist() == [0, 0, 1, 1, 0, 1, 1, 0]
+    for b in range(2):  # the last two computations' slope, as a block's residual is forecast
+        out = {s: outputs[(s, b)] for s in range(8)}
+        torch.testing.assert_close(out[2], out[1] + (out[1] - out[0]))
+        torch.testing.assert_close(out[3], out[1] + 2 * (out[1] - out[0]))
+        torch.testing.assert_close(out[6], out[4] + 2 * (out[4] - out[1]) / 3)
+
+
+def test_skip_calls_is_ignored_by_a_drift_driven_policy():
+    model, inputs = build("wan")
+    counts = count_block_runs(model)
+    session = wc.apply(model, AGGRESSIVE.with_policy(base_threshold=1.0, warp_threshold=0.0, min_threshold=0.0,
+                                                     skip_calls=True))
+    denoise(model, inputs, steps=4)
+    wc.remove(model)
+    assert not session.skips_calls
+    assert counts == [1] * len(counts)  # served block by block, as without skip_calls: the call itself ran

@@ -266,6 +266,9 @@ class PolicyConfig(_Node):
     forecast: float = field(default=0.0, metadata=_number(0, 1))
     # and the second-order (curvature) term through the last three, weighted by this (0: first order only)
     forecast_curvature: float = field(default=0.0, metadata=_number(0, 1))
+    # a fixed schedule only: at steps where it serves every block, skip the whole transformer call and forecast
+    # the call's output instead, with the same forecast weights (no block, embedding or output layer runs)
+    skip_calls: bool = field(default=False, metadata={"check": _check_bool})
     drift_metric: str = field(default="cosine", metadata=_choice("cosine", "l2"))
     token_subset: int = field(default=256, metadata=_number(8, 1_000_000, integer=True))
     token_seed: int = field(default=0, metadata=_number(0, integer=True))
@@ -337,17 +340,18 @@ class Config(_Node):
         return dataclasses.replace(self, policy=_build(PolicyConfig, merged, "policy"))
 
     def with_schedule(self, every: int, warm_up: int, *, forecast: float = 0.0, curvature: float = 0.0,
-                      late_start: float = 1.0, late_every: int | None = None) -> Config:
+                      late_start: float = 1.0, late_every: int | None = None, skip_calls: bool = False) -> Config:
         """A copy that computes a fixed schedule, whatever the drift: the first `warm_up` steps, then every
         `every`-th step (every `late_every`-th from schedule position `late_start` on), reusing in between;
         FORA's shape, and TaylorSeer's with `forecast` (and `curvature`). Thresholds sit at the top of the
-        cosine drift's range, so the hooks do not even measure drift, and warping is off.
+        cosine drift's range, so the hooks do not even measure drift, and warping is off. With `skip_calls` the
+        steps it does not compute skip the transformer call altogether (TeaCache's shape, forecast as above).
         """
         return self.with_policy(
             drift_metric="cosine", base_threshold=2.0, min_threshold=2.0, warp_threshold=0.0, motion_scale=0.0,
             phase_multipliers=(1.0, 1.0), layer_multipliers={}, warm_up_steps=warm_up,
             max_consecutive_reuse=every - 1, forecast=forecast, forecast_curvature=curvature,
-            late_start=late_start, late_max_consecutive_reuse=(late_every or every) - 1)
+            late_start=late_start, late_max_consecutive_reuse=(late_every or every) - 1, skip_calls=skip_calls)
 
     def listen_address(self) -> tuple[str, int] | None:
         """(host, port) where metrics are served over HTTP, or None when they are not."""

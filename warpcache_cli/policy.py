@@ -113,6 +113,23 @@ def reuse_limit(cfg: PolicyConfig, position: ArrayLike) -> ArrayLike:
     return np.where(np.asarray(position) >= cfg.late_start, late, cfg.max_consecutive_reuse)
 
 
+def is_schedule(cfg: PolicyConfig) -> bool:
+    """Whether the policy is a fixed schedule: no ceiling of any block, at any motion and any schedule position,
+    falls below the largest drift its metric can report, so drift never decides (the hooks do not measure it)."""
+    listed = sorted(cfg.layer_multipliers)
+    layers = np.array([*listed, max(listed, default=-1) + 1])  # every listed block and an unlisted one
+    # the phase multiplier is piecewise linear in the position: its extremes lie at 0, 1 and the breakpoints
+    position = np.array([0.0, *cfg.phase_breakpoints, 1.0])
+    t, w = ceilings(cfg, 1e6, position[:, None], layers)  # their lowest: motion decays them towards their floor
+    return not np.any(measures_drift(cfg, t, w))
+
+
+def calls_skipped(cfg: PolicyConfig) -> bool:
+    """Whether the steps a schedule does not compute skip the whole transformer call (`skip_calls`): only a fixed
+    schedule serves every block of a step, so only there may a call be skipped."""
+    return cfg.skip_calls and is_schedule(cfg)
+
+
 def schedule_steps(cfg: PolicyConfig, position: np.ndarray) -> list[int] | None:
     """The steps a fixed schedule computes, at steps with these schedule positions (a trace's `position` row, or
     `step / (steps - 1)`); None when drift can decide (a drift-driven policy).
@@ -121,11 +138,7 @@ def schedule_steps(cfg: PolicyConfig, position: np.ndarray) -> list[int] | None:
     the largest drift its metric can report: the hooks then measure none, and warm-up and the reuse limits
     alone decide, the same for every block. The steps are found by the policy's own rule.
     """
-    listed = sorted(cfg.layer_multipliers)
-    layers = np.array([*listed, max(listed, default=-1) + 1])  # every listed block and an unlisted one
-    position = np.asarray(position, np.float64)
-    t, w = ceilings(cfg, 1e6, position[:, None], layers)  # their lowest: motion decays them towards their floor
-    if np.any(measures_drift(cfg, t, w)):
+    if not is_schedule(cfg):
         return None
     out, run = [], 0
     for s, pos in enumerate(position):

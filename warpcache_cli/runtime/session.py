@@ -16,10 +16,13 @@ import torch
 from warpcache_cli import motion
 from warpcache_cli.config import Config
 from warpcache_cli.metrics import Metrics
-from warpcache_cli.policy import Action, ceilings, reuse_limit, token_subset
+from warpcache_cli.policy import Action, calls_skipped, ceilings, reuse_limit, token_subset
 from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.steps import StepInfo, StepTracker
 from warpcache_cli.store import FeatureStore
+
+
+CALL = -1  # the layer index of a whole transformer call, for the state and cache of calls skipped whole
 
 
 @dataclass
@@ -132,6 +135,7 @@ class CacheSession:
         self._blocks: dict[tuple[str, int], BlockState] = {}
         self._subsets: dict[int, torch.Tensor] = {}
         self._requests: set[str] = set()
+        self._skips: tuple[Any, bool] = (None, False)  # (policy, whether it skips calls), kept for the policy in force
 
     def begin_call(self, timestep: float, context: Any | None, motion_source: torch.Tensor | None,
                    grid: Grid | None) -> None:
@@ -156,6 +160,21 @@ class CacheSession:
             source = self.motion_source
             self._motion = motion.content_motion(source) if source is not None else 0.0
         return self._motion
+
+    @property
+    def skips_calls(self) -> bool:
+        """Whether the policy in force skips the calls its schedule does not compute (`policy.calls_skipped`)."""
+        p = self.config.policy
+        if self._skips[0] is not p:
+            self._skips = (p, bool(calls_skipped(p)))
+        return self._skips[1]
+
+    def skip_call(self) -> None:
+        """This call was skipped whole: every block was served from it, as the decision record and the blocks'
+        reuse runs say."""
+        for layer in range(self.num_blocks):
+            self.block_state(layer).reuse_run += 1
+            self.record(Decision(self.step.generation, self.branch, self.step.step, layer, Action.REUSE, np.nan))
 
     def ceilings(self, layer: int) -> tuple[float, float]:
         """The policy's recompute and warp ceilings of `layer` in this call, every block's computed at once on
