@@ -238,7 +238,7 @@ class BlockHook(_ResidualCache, ModelHook):
         subset = s.subset(x.shape[1], x.device)
         usable = state.sketch is not None and state.sketch.shape == (x.shape[0], len(subset), *x.shape[2:])
         if s.step.step < cfg.warm_up_steps or state.reuse_run >= s.reuse_limit or s.skips_calls:
-            usable = False  # a forced recompute (a call that runs runs every block): measuring drift would only cost time
+            usable = False  # a forced recompute (a call not skipped runs every block): measuring drift costs time
         d, action, sketch = math.inf, Action.RECOMPUTE, None  # the sketch is taken where used: profiling never does
         if usable:  # otherwise the policy could only say recompute: skip it, and the motion estimate with it
             t, w = s.ceilings(self.layer)

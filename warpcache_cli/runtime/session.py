@@ -21,7 +21,6 @@ from warpcache_cli.runtime.adapters import Grid
 from warpcache_cli.runtime.steps import StepInfo, StepTracker
 from warpcache_cli.store import FeatureStore
 
-
 CALL = -1  # the layer index of a whole transformer call, for the state and cache of calls skipped whole
 
 
