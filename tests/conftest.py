@@ -24,5 +24,5 @@ def builtin():
 def small_trace(builtin, tmp_path_factory) -> Trace:
     reqs = [Request(p, i, STEPS) for i, p in enumerate(PROMPTS)]
     path = tmp_path_factory.mktemp("trace") / "small.safetensors"
-    profile(builtin, reqs, model_id="builtin", calibrate=4).save(path)
+    profile(builtin, reqs, model_id="builtin", calibrate=6).save(path)
     return Trace.load(path)

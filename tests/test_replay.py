@@ -43,11 +43,14 @@ def test_live_and_replay_make_the_same_decisions(builtin, small_trace, which):
     assert len(live) == actions.size
 
 
-def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_trace):
+@pytest.mark.parametrize("skip_calls", [False, True])
+def test_a_schedule_with_a_late_phase_replays_exactly_as_it_runs(builtin, small_trace, skip_calls):
     """`Config.with_schedule`: the schedule alone decides, so live and replay agree at every block and step,
-    including the late phase's tighter reuse limit (every 4th step after 1 warm-up, every 2nd from the middle on)."""
+    including the late phase's tighter reuse limit (every 4th step after 1 warm-up, every 2nd from the middle on),
+    whether the steps it does not compute serve their blocks or skip the call whole."""
     late_start = (STEPS // 2 - 0.5) / (STEPS - 1)
-    cfg = wc.Config.default().with_schedule(4, warm_up=1, forecast=1.0, late_start=late_start, late_every=2
+    cfg = wc.Config.default().with_schedule(4, warm_up=1, forecast=1.0, late_start=late_start, late_every=2,
+                                            skip_calls=skip_calls
                                             ).with_policy(token_subset=small_trace.meta["token_subset"])
     session = wc.apply(builtin, cfg)
     generate(builtin, Request(PROMPTS[0], 0, STEPS))
@@ -181,8 +184,9 @@ def test_forecast_error_is_the_error_of_the_extrapolated_residual(builtin, weigh
     assert (lags[:, :, 3:] > 0).any() and (gaps[lags > 0] > 0).all() and (gaps2[lags > 0] > 0).all()
     r = trace.arrays["sketch_res"].astype(np.float64)  # (R, Br, S, L, B, K, C)
     out = r + trace.arrays["sketch_in"].astype(np.float64)
-    got = rep._forecast_err(weight, curvature, lags, gaps, gaps2, slice(None))
-    plain = rep._forecast_err(0.0, 0.0, lags, gaps, gaps2, slice(None))
+    tables = rep._dots, rep._out_sq
+    got = rep._forecast_err(weight, curvature, lags, gaps, gaps2, *tables)
+    plain = rep._forecast_err(0.0, 0.0, lags, gaps, gaps2, *tables)
     for idx in zip(*np.nonzero(lags)):
         run, br, s, layer = idx
         k, g, h = lags[idx], gaps[idx], gaps2[idx]
@@ -202,4 +206,46 @@ def test_forecast_on_a_trace_without_the_gram_table_exits_2(small_trace, tmp_pat
     path = old.save(tmp_path / "old.safetensors")
     cfg = _save_cfg(tmp_path, _config(small_trace, 1).with_policy(forecast=0.5))
     res = runner.invoke(app, ["replay", str(path), "--config", cfg])
+    assert res.exit_code == 2 and "re-profile" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0])
+def test_a_skipped_calls_error_is_the_forecast_error_of_its_output(builtin, weight):
+    outputs = []
+    hook = builtin.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].double().clone()))
+    try:
+        trace = profile(builtin, [Request(PROMPTS[0], 0, 8)], model_id="builtin", calibrate=0)
+    finally:
+        hook.remove()
+    y = np.stack([o.numpy() for o in outputs[-16:]]).reshape(8, 2, -1)  # the recorded run: (step, branch, ...)
+    rep = Replayer(trace)
+    policy = wc.Config.default().with_schedule(3, 2, forecast=weight, skip_calls=True).policy
+    dec = rep.decisions(policy)
+    dots = rep._call_dots[:, :, :, None]
+    got = rep._forecast_err(weight, 0.0, dec.lags[..., :1], dec.gaps[..., :1], dec.gaps2[..., :1], dots, dots[..., 0])
+    assert trace.meta["branches"] == ["cond", "uncond"] and dec.lags[0, 0, :, 0].tolist() == [0, 0, 1, 2, 0, 1, 2, 0]
+    for br in range(2):
+        for s, c, p in ((2, 1, 0), (3, 1, 0), (5, 4, 1), (6, 4, 1)):
+            forecast = y[c, br] + weight * (s - c) * (y[c, br] - y[p, br]) / (c - p)
+            want = np.linalg.norm(y[s, br] - forecast) / np.linalg.norm(y[s, br])
+            assert got[0, br, s, 0] == pytest.approx(want, rel=1e-3)
+
+
+def test_skipping_calls_saves_more_than_serving_their_blocks(small_trace):
+    rep = Replayer(small_trace)
+    by_block, by_call = (rep.run(wc.Config.default().with_schedule(3, 2, forecast=1.0, skip_calls=skip).policy)
+                         for skip in (False, True))
+    assert np.array_equal(by_block.actions, by_call.actions)
+    assert (by_call.speedup > by_block.speedup).all()
+    assert rep.quality is not None and rep.quality.call_scale != 1.0  # calibrated by a skipping calibration run
+    assert np.isfinite(by_call.psnr).all() and (by_call.error > 0).all()
+
+
+def test_skipping_calls_on_a_trace_without_call_dots_exits_2(small_trace, tmp_path):
+    old = Trace(dict(small_trace.meta), {k: v for k, v in small_trace.arrays.items() if k != "call_dot"})
+    old.meta.pop("calibration")
+    path = old.save(tmp_path / "old.safetensors")
+    cfg = tmp_path / "skip.json"
+    wc.Config.default().with_schedule(3, 2, forecast=1.0, skip_calls=True).save(cfg)
+    res = CliRunner().invoke(app, ["replay", str(path), "--config", str(cfg)])
     assert res.exit_code == 2 and "re-profile" in res.stderr and len(res.stderr.strip().splitlines()) == 1

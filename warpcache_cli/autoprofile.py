@@ -212,13 +212,13 @@ class AutoProfiler:
         return next((s for s in reversed(self._shapes.values())
                      if s.key.grid == grid and steps in (None, s.key.steps)), None)
 
-    def _on_call(self, seconds: float) -> None:
+    def _on_call(self, seconds: float, output: Any) -> None:
         """After each transformer call: time it; without a pipeline, file the generation after its last call."""
         g = self._current
         if g is None:
             return
         if g.recorder is not None:
-            g.recorder.on_call(self.session, seconds)
+            g.recorder.on_call(self.session, seconds, output)
         step = self.session.step
         if self._pipe is None and g.steps is not None and step.step == g.steps - 1:
             calls = sum(1 for d in self.session.stats.decisions if d.step == 0 and d.layer == 0)  # branches

@@ -26,7 +26,7 @@ from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import drift_ceiling, drift_from_dots, saliency_drift
-from warpcache_cli.runtime.adapters import Grid
+from warpcache_cli.runtime.adapters import Grid, prediction
 from warpcache_cli.runtime.session import CacheSession, Decision
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
 
@@ -138,12 +138,35 @@ class Recorder:
         self.token_subset = torch.zeros(0, dtype=torch.long)
         self._subset = self.token_subset  # on the model's device
         self._power = 1.0  # the policy's saliency power, for the full-tensor cosine drift
+        self._outputs: dict[int, tuple[torch.Tensor, list[int]]] = {}  # branch -> ring of call outputs, calls seen
 
-    def on_call(self, session: CacheSession, seconds: float) -> None:
-        """One whole transformer call (blocks plus everything around them) took `seconds`: analyse its blocks."""
-        if session.step is not None and session.branch in self.branches:
-            self.call_seconds[(self.branches.index(session.branch), session.step.step)] = seconds
+    def on_call(self, session: CacheSession, seconds: float, output: Any = None) -> None:
+        """One whole transformer call (blocks plus everything around them) took `seconds` and returned `output`:
+        analyse its blocks, and its output against the last calls'."""
         self._flush()
+        if session.step is None or session.branch not in self.branches:
+            return
+        key = (self.branches.index(session.branch), session.step.step)
+        self.call_seconds[key] = seconds
+        if output is not None and key in self.rows:
+            self.rows[key]["call_dot"] = self._call_dots(key[0], prediction(output))
+
+    def _call_dots(self, branch: int, y: torch.Tensor) -> np.ndarray:
+        """<y_s, y_{s-j}> for j = 0 .. 2G + 1 (0 before the first call): the Gram row the replay forecasts a
+        skipped call's output from, as `res_dot` is a block's residual's. The outputs of the last 2G + 2 calls
+        are kept in a ring, float32 products summed in float64 (as the residual Gram)."""
+        width = 2 * self.lags + 2
+        y = y.detach().reshape(-1).float()
+        if branch not in self._outputs:
+            self._outputs[branch] = (y.new_zeros(width, len(y)), [0])
+        ring, seen = self._outputs[branch]
+        n = seen[0]
+        seen[0] += 1
+        ring[n % width] = y
+        with torch.no_grad():
+            dots = torch.mv(ring, y).double().cpu().numpy()
+        lag = np.arange(width)
+        return np.where(lag <= n, dots[(n - lag) % width], 0.0)
 
     def close(self) -> None:
         """The generation is over: turn each branch's buffers into the rows' tables, then drop them."""
@@ -175,6 +198,7 @@ class Recorder:
                     for s, row in zip(h.steps, table):
                         self.rows[(b, s)][key] = row
         self._history.clear()
+        self._outputs.clear()
 
     def on_block(self, session: CacheSession, layer: int, x: torch.Tensor, residual: torch.Tensor,
                  seconds: float, decision: Decision) -> None:
@@ -403,6 +427,7 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
         "reuse_err": np.full((*shape, lags), nan, np.float32),
         "res_dot": np.zeros((*shape, 2 * lags + 2), np.float64),
         "out_sq": np.zeros(shape, np.float64),
+        "call_dot": np.zeros((*shape[:3], 2 * lags + 2), np.float64),
         **{k: np.full(shape, nan, np.float32) for k in
            ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")},
         "call_seconds": np.zeros(shape[:3], np.float32),
@@ -429,8 +454,9 @@ def _assemble(recorders: list[Recorder], references: list[np.ndarray], run_secon
     return arrays
 
 
-def call_timer(transformer: torch.nn.Module, on_call: Callable[[float], None]) -> list[Any]:
-    """Forward pre/post hooks timing each whole transformer call; returns the handles to remove."""
+def call_timer(transformer: torch.nn.Module, on_call: Callable[[float, Any], None]) -> list[Any]:
+    """Forward pre/post hooks timing each whole transformer call, then given its seconds and output; returns the
+    handles to remove."""
     start: list[float] = [0.0]
 
     def pre(module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
@@ -439,7 +465,7 @@ def call_timer(transformer: torch.nn.Module, on_call: Callable[[float], None]) -
     def post(module: torch.nn.Module, args: Any, output: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        on_call(time.perf_counter() - start[0])
+        on_call(time.perf_counter() - start[0], output)
 
     return [transformer.register_forward_pre_hook(pre), transformer.register_forward_hook(post)]
 
@@ -506,7 +532,7 @@ def profile(
         rec = Recorder(lags, sketch_tokens, on_step=(lambda s, i=i: on_progress(i, s)) if on_progress else None,
                        steps=req.steps)
         session = runtime.apply(pipe, policy, observer=rec)
-        handles = call_timer(transformer, lambda secs, rec=rec, session=session: rec.on_call(session, secs))
+        handles = call_timer(transformer, lambda secs, out, rec=rec, session=session: rec.on_call(session, secs, out))
         try:
             with _frozen_heap():
                 start = time.perf_counter()
@@ -519,7 +545,7 @@ def profile(
             runtime.remove(pipe)
         recorders.append(rec)
         refs.append(frames)
-    plain_seconds, block_seconds, block_input = _plain_timing(pipe, transformer, requests[0])
+    plain_seconds, block_seconds, call_seconds, block_input = _plain_timing(pipe, transformer, requests[0])
     first = requests[0]
     trace = build_trace(
         transformer, session, recorders, refs, run_secs,
@@ -532,6 +558,7 @@ def profile(
         dtype=dtype,
         scheduler=type(getattr(pipe, "scheduler", None)).__name__,
         plain_seconds=plain_seconds,
+        plain_call_seconds=call_seconds,
     )
     trace.arrays["plain_block_seconds"] = block_seconds
     if session.grid is not None:
@@ -542,9 +569,10 @@ def profile(
 
 
 def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request
-                  ) -> tuple[float, np.ndarray, torch.Tensor | None]:
-    """Wall time of an unhooked run, each block's mean time in it (what skipping a block really saves),
-    and the last block input seen (a tensor of the right shape to time the warp on).
+                  ) -> tuple[float, np.ndarray, float, torch.Tensor | None]:
+    """Wall time of an unhooked run, each block's mean time in it (what skipping a block really saves), the mean
+    time of a whole transformer call (what skipping a call saves), and the last block input seen (a tensor of
+    the right shape to time the warp on).
 
     Block times recorded under the profiler's hooks run slow (the measurements between blocks
     evict caches), so the replay's speed estimate uses these instead.
@@ -565,8 +593,10 @@ def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request
         totals[i] += time.perf_counter() - starts[0]
         calls[i] += 1
 
+    call_seconds: list[float] = []
     handles = [h for i, b in enumerate(blocks)
                for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(functools.partial(post, i)))]
+    handles += call_timer(transformer, lambda secs, out: call_seconds.append(secs))
     try:
         start = time.perf_counter()
         generate(pipe, req)
@@ -574,7 +604,8 @@ def _plain_timing(pipe: Any, transformer: torch.nn.Module, req: Request
     finally:
         for h in handles:
             h.remove()
-    return seconds, (totals / np.maximum(calls, 1)).astype(np.float32), seen[0] if seen else None
+    return (seconds, (totals / np.maximum(calls, 1)).astype(np.float32), float(np.mean(call_seconds or [0.0])),
+            seen[0] if seen else None)
 
 
 def _warp_timing(x: torch.Tensor | None, grid: Grid, repeats: int = 20) -> dict[str, float] | None:
@@ -605,18 +636,22 @@ def _warp_timing(x: torch.Tensor | None, grid: Grid, repeats: int = 20) -> dict[
 
 def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
     """Configs from mild to aggressive, with thresholds at quantiles of the recorded lag-1 drift, and every
-    third a fixed schedule (the threshold at the largest drift there can be), the shape tuned configs often take.
+    third a fixed schedule (the threshold at the largest drift there can be), the shape tuned configs often take;
+    every other schedule skips the calls it does not compute (`skip_calls`).
 
     The schedules are what lets the speed fit tell a drift measurement from a reuse: they measure none,
-    where drift-driven runs measure at nearly every call after warm-up, whether they reuse or not.
+    where drift-driven runs measure at nearly every call after warm-up, whether they reuse or not. Those that
+    skip calls calibrate what a skipped call saves and how its output's forecast error maps to PSNR.
     """
     d = trace.arrays["drift"][0, :, 1:, :, 0, DRIFT_VARIANTS.index(("cosine", 1.0))]
     quantiles = np.linspace(0.3, 0.97, n)
     out = []
     for i, q in enumerate(quantiles):
-        if i % 3 == 2:  # every 3rd, 4th, ... step, first-order forecast, then second-order
+        skip = False
+        if i % 3 == 2:  # every 3rd, 4th, ... step: first order, by blocks and by whole calls, then second order
             k = i // 3
-            t, warp, forecast, curvature, reuse = drift_ceiling("cosine"), 0.0, 1.0, 0.5 * (k % 2), 2 + k
+            t, warp, forecast, curvature, reuse = drift_ceiling("cosine"), 0.0, 1.0, 0.5 * (k % 4 == 2), 2 + k
+            skip = k % 2 == 1
         else:  # the quality model sees plain, warped and extrapolated reuse, first and second order
             t, warped = float(max(np.nanquantile(d, q), 1e-6)), i % 2 == 1
             warp, forecast, reuse = t / 2 if warped else 0.0, 0.0 if warped else 1.0, 2 + i
@@ -625,7 +660,7 @@ def calibration_configs(trace: Trace, n: int, base: Config) -> list[Config]:
             drift_metric="cosine", saliency_power=1.0, base_threshold=t, min_threshold=t,
             warp_threshold=warp, forecast=forecast, forecast_curvature=curvature,  # warp 0: no warping
             motion_scale=0.0, phase_multipliers=(1.0, 1.0),
-            warm_up_steps=2, max_consecutive_reuse=min(trace.lags, reuse),
+            warm_up_steps=2, max_consecutive_reuse=min(trace.lags, reuse), skip_calls=skip,
         ))
     return out
 

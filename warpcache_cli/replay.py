@@ -23,6 +23,7 @@ from warpcache_cli.policy import (
     REUSE,
     WARP,
     Action,
+    calls_skipped,
     ceilings,
     measures_drift,
     recomputes,
@@ -42,12 +43,17 @@ PRIOR_PSNR_INTERCEPT = -7.6
 # is a cost of its own, whether the block is then reused or run: drift-driven configs measure at nearly every
 # call, fixed schedules never (`policy.measures_drift`), so without this term the two cannot both be priced
 # (a fit that folded it into the reuse put a schedule at 1.69x that measured 2.40x)
-COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping", "drift measured")
+COST_TERMS = ("generation", "reused block", "warped block", "block mapped for warping", "drift measured",
+              "skipped call")
 
 
 @dataclass
 class QualityModel:
-    """PSNR = a + b log10(E), log10(1 - SSIM) = c + d log10(E), E the accumulated injected error."""
+    """PSNR = a + b log10(E), log10(1 - SSIM) = c + d log10(E), E the accumulated injected error.
+
+    The error of a call skipped whole is its output's forecast error, in other units than a block's (relative to
+    the block's output): `call_scale` turns it into the block error that measured the same PSNR in calibration.
+    """
 
     a: float
     b: float
@@ -55,6 +61,7 @@ class QualityModel:
     d: float
     points: int
     residuals: tuple[float, ...] = ()  # measured - estimated PSNR of the calibration runs: the estimate's scatter
+    call_scale: float = 1.0
 
     def psnr(self, error: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore"):
@@ -88,6 +95,7 @@ class Replayer:
         # residual Gram entries on the token subset, for forecasting; absent from older traces
         self._dots = np.nan_to_num(np.asarray(a["res_dot"], np.float64)) if "res_dot" in a else None
         self._out_sq = np.asarray(a["out_sq"], np.float64) if "out_sq" in a else None
+        self._call_dots = np.asarray(a["call_dot"], np.float64) if "call_dot" in a else None
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # blocks where warping was never measured
             ratio = np.asarray(a["warp_err1"], np.float64) / np.asarray(a["reuse_err1"], np.float64)
@@ -102,6 +110,8 @@ class Replayer:
         self.costs = np.zeros(len(COST_TERMS))
         plain = trace.meta.get("plain_seconds")
         self.plain_seconds = float(plain) if plain else float(np.mean(a["run_seconds"]))
+        # what a call skipped whole saves: its plain time, or failing that its time under the recorder
+        self.plain_call_seconds = float(trace.meta.get("plain_call_seconds") or np.mean(a["call_seconds"]))
         t = np.asarray(a["timestep"], np.float64)
         nxt = np.concatenate([t[:, 1:], np.zeros((self.runs, 1))], axis=1)
         # an error at step s moves x by dt_s times it, and weighs with sigma_s: errors at high noise change
@@ -188,8 +198,21 @@ class Replayer:
         dec = self.decisions(policy, runs)
         actions = dec.actions
         reused = actions != RECOMPUTE
-        if policy.forecast > 0 or policy.forecast_curvature > 0:
-            err = self._forecast_err(policy.forecast, policy.forecast_curvature, dec.lags, dec.gaps, dec.gaps2, runs)
+        skipped = calls_skipped(policy)
+        if skipped:  # a schedule: every block of a step is served alike, and the call's output is forecast whole
+            if self._call_dots is None:
+                raise WarpcacheError("policy.skip_calls needs the call outputs' dot products the trace did not "
+                                     "record; re-profile with this version of warpcache")
+            dots = self._call_dots[runs][:, :, :, None]
+            err = self._forecast_err(policy.forecast, policy.forecast_curvature, dec.lags[..., :1], dec.gaps[..., :1],
+                                     dec.gaps2[..., :1], dots, dots[..., 0])
+            err = np.where(reused[..., :1], err, 0.0)
+        elif policy.forecast > 0 or policy.forecast_curvature > 0:
+            if self._dots is None:
+                raise WarpcacheError("policy.forecast needs residual dot products the trace did not record; "
+                                     "re-profile with this version of warpcache")
+            err = self._forecast_err(policy.forecast, policy.forecast_curvature, dec.lags, dec.gaps, dec.gaps2,
+                                     self._dots[runs], self._out_sq[runs])
         else:
             idx = np.clip(dec.lags - 1, 0, self.lags - 1)[..., None]  # lag 0 (recomputed) is masked out below
             err = np.take_along_axis(self.reuse_err[runs], idx, axis=-1)[..., 0]
@@ -203,8 +226,10 @@ class Replayer:
         # the sum of squares had beaten a plain sum (1.68 against 2.32 dB, 2.14 against 4.33 dB, earlier dumps)
         per_step = err.max(axis=3).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
+        if skipped and self.quality is not None:
+            error = error * self.quality.call_scale
         counts = self.cost_counts(policy, dec)
-        saved = (self.block_seconds[runs] * reused).sum(axis=(1, 2, 3)) - counts @ self.costs
+        saved = self._saved(policy, actions, runs) - counts @ self.costs
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, dec.seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -218,8 +243,10 @@ class Replayer:
         )
 
     def _forecast_err(self, weight: float, curvature: float, lags: np.ndarray, gaps: np.ndarray,
-                      gaps2: np.ndarray, runs: slice) -> np.ndarray:
-        """Relative error of the forecast residual against the true r_s, as the live hooks extrapolate it.
+                      gaps2: np.ndarray, dots: np.ndarray, out_sq: np.ndarray) -> np.ndarray:
+        """Relative error of the forecast residual against the true r_s, as the live hooks extrapolate it; `dots`
+        (R, Br, S, L, J) the residuals' Gram entries, `out_sq` (R, Br, S, L) the squared norms it is relative to
+        (a call skipped whole: its output's, with L = 1).
 
         With c = s - k, p = c - g and q = p - h the last three computations, the forecast is
         r_c + A (r_c - r_p) + B ((r_c - r_p) / g - (r_p - r_q) / h), A = weight k / g and
@@ -228,13 +255,9 @@ class Replayer:
         computations (g or h = 0) is left out, as live; so is a curvature reaching further back than
         the Gram table (it is then priced as first order).
         """
-        if self._dots is None:
-            raise WarpcacheError("policy.forecast needs residual dot products the trace did not record; "
-                                 "re-profile with this version of warpcache")
-        dots, out_sq = self._dots[runs], self._out_sq[runs]  # (R, Br, S, L, J), (R, Br, S, L)
         span = dots.shape[-1]
         flat = dots.reshape(-1)
-        back = span * self.blocks  # a step back in `flat`
+        back = span * dots.shape[-2]  # a step back in `flat`
         # flat indices of <r_s, r_s>, <r_c, r_c> and <r_p, r_p>; c = s - lag and p = c - gap are never before step 0.
         # A block runs at least once in `max_consecutive_reuse + 1` steps and that is at most the trace's lags G
         # (`check_reach`), so lag + gap <= 2 G + 1 stays in the Gram table's span 2 G + 2; only the curvature's
@@ -260,6 +283,14 @@ class Replayer:
                    + 2 * wc * wq * flat.take(c_at + far[1]) + 2 * wp * wq * flat.take(p_at + gaps2))
         return np.sqrt(np.maximum(sq, 0.0) / np.maximum(out_sq, 1e-24))
 
+    def _saved(self, policy: PolicyConfig, actions: np.ndarray, runs: slice | int) -> np.ndarray:
+        """(R,) seconds the reused blocks' plain run took, or, where whole calls are skipped, the calls' (R,) (with
+        their embeddings and output layers)."""
+        reused = actions != RECOMPUTE
+        if calls_skipped(policy):
+            return reused[..., 0].sum(axis=(-1, -2)) * self.plain_call_seconds
+        return (self.block_seconds[runs] * reused).sum(axis=(-1, -2, -3))
+
     def _calibrate(self) -> QualityModel | None:
         cal = self.trace.meta.get("calibration")
         if not cal:
@@ -268,18 +299,26 @@ class Replayer:
         policies = [Config.from_dict(c).policy for c in cal["configs"]]
         results = [self.run(p, slice(r, r + 1)) for p, r in zip(policies, runs)]
         if cal.get("seconds"):
-            self.costs = self._fit_costs(results, runs, np.asarray(cal["seconds"], np.float64))
+            self.costs = self._fit_costs(policies, results, runs, np.asarray(cal["seconds"], np.float64))
         errors = np.array([r.error[0] for r in results])
         psnr, ssim = np.asarray(cal["psnr"], np.float64), np.asarray(cal["ssim"], np.float64)
         ok = (errors > 0) & np.isfinite(psnr) & (ssim < 1.0)
         if not ok.any():
             return None
-        x = np.log10(errors[ok])
+        calls = np.array([calls_skipped(p) for p in policies])
+        has_blocks = bool((ok & ~calls).any())
+        blocks = ok & ~calls if has_blocks else ok
+        x = np.log10(np.where(ok, errors, 1.0))
         # the median: single runs scatter with a heavy upper tail (a run whose reuse lands where the output
         # is insensitive comes out 15-20 dB above the line), which would pull a mean up
-        a, b = float(np.median(psnr[ok] - PSNR_SLOPE * x)), PSNR_SLOPE
+        a, b = float(np.median(psnr[blocks] - PSNR_SLOPE * x[blocks])), PSNR_SLOPE
+        # runs that skip calls whole: the factor on their error that puts them on the blocks' line (none: 1)
+        skips, scale = ok & calls, 1.0
+        if skips.any() and has_blocks:
+            scale = 10 ** (float(np.median(psnr[skips] - (a + b * x[skips]))) / b)
+        x = np.where(calls, x + np.log10(scale), x)[ok]
         c, d = _fit(x, np.log10(1.0 - ssim[ok]), 2.0)
-        return QualityModel(a, b, c, d, int(ok.sum()), tuple(float(v) for v in psnr[ok] - (a + b * x)))
+        return QualityModel(a, b, c, d, int(ok.sum()), tuple(float(v) for v in psnr[ok] - (a + b * x)), scale)
 
     def cost_counts(self, policy: PolicyConfig, dec: Decisions) -> np.ndarray:
         """(R, len(COST_TERMS)): how often each cost the hooks add beyond the blocks they run is paid.
@@ -299,13 +338,16 @@ class Replayer:
             computed = (actions == RECOMPUTE) & can_warp
             computed[:, :, : max(0, policy.warm_up_steps - 1)] = False
             mapped = per_run(computed)
+        if calls_skipped(policy):  # no block hook runs in a skipped call; the call's forecast is paid instead
+            return np.stack([np.ones(r), np.zeros(r), np.zeros(r), mapped, per_run(dec.measured),
+                             per_run(actions[..., 0] != RECOMPUTE)], axis=1)
         return np.stack([np.ones(r), per_run(actions == REUSE), per_run(actions == WARP), mapped,
-                         per_run(dec.measured)], axis=1)
+                         per_run(dec.measured), np.zeros(r)], axis=1)
 
-    def _fit_costs(self, results: list[ReplayResult], runs: list[int], measured: np.ndarray) -> np.ndarray:
+    def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
+                   measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
-        saved = np.array([float((self.block_seconds[run] * (r.actions[0] != RECOMPUTE)).sum())
-                          for r, run in zip(results, runs)])
+        saved = np.array([float(self._saved(p, r.actions[0], run)) for p, r, run in zip(policies, results, runs)])
         counts = np.concatenate([r.cost_counts for r in results])
         excess = measured - (self.plain_seconds - saved)
         coef = np.zeros(len(COST_TERMS))

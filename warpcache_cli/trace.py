@@ -24,6 +24,8 @@ K sketch tokens, C channels):
     res_dot      (R, Br, S, L, J)    f64  <r_s, r_{s-j}> on the token subset, summed over the batch, for
                                           j = 0 .. 2G + 1 (0 where s - j < 0); forecast errors come from these
     out_sq       (R, Br, S, L)       f64  ||x_s + r_s||^2 on the token subset, summed over the batch
+    call_dot     (R, Br, S, J)       f64  <y_s, y_{s-j}> of the transformer call's whole output, j as in res_dot:
+                                          the forecast error of a call skipped whole (`skip_calls`)
     reference    (R, F, H, W, 3)     f16  the uncached output
     token_subset (K_drift,)          i64
 """
@@ -52,7 +54,7 @@ DRIFT_VARIANTS: tuple[tuple[str, float], ...] = (
 PER_BLOCK = ("reuse_err1", "warp_err1", "drift1_cos", "drift1_l2", "x_norm", "r_norm", "block_seconds")
 REQUIRED = ("drift", "reuse_err", *PER_BLOCK, "call_seconds", "run_seconds", "timestep", "position", "motion",
             "reference", "token_subset")
-OPTIONAL = ("sketch_in", "sketch_res", "plain_block_seconds", "res_dot", "out_sq")
+OPTIONAL = ("sketch_in", "sketch_res", "plain_block_seconds", "res_dot", "out_sq", "call_dot")
 
 
 def drift_variant(metric: str, power: float) -> int:
@@ -120,7 +122,8 @@ class Trace:
             raise TraceError(f"{self.path}: arrays res_dot and out_sq come together; the trace has one")
         expect = {k: (r, br, s, lyr) for k in (*PER_BLOCK, "out_sq")}
         expect.update(call_seconds=(r, br, s), run_seconds=(r,), timestep=(r, s), position=(r, s), motion=(r, s),
-                      plain_block_seconds=(lyr,), res_dot=(r, br, s, lyr, 2 * self.lags + 2))
+                      plain_block_seconds=(lyr,), res_dot=(r, br, s, lyr, 2 * self.lags + 2),
+                      call_dot=(r, br, s, 2 * self.lags + 2))
         for key, shape in expect.items():
             if key in self.arrays and self.arrays[key].shape != shape:
                 raise TraceError(f"{self.path}: array {key} has shape {self.arrays[key].shape}, expected {shape}")

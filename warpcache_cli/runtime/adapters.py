@@ -125,3 +125,16 @@ def block_io(block: nn.Module) -> BlockIO:
         meta.return_encoder_hidden_states_index,
     )
 
+
+def prediction(output: Any) -> torch.Tensor:
+    """A transformer call's prediction: the first of a tuple, or an output object's `sample`."""
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+def with_prediction(output: Any, sample: torch.Tensor) -> Any:
+    """`output`'s structure with `sample` as its prediction."""
+    if isinstance(output, (tuple, list)):
+        return type(output)([sample, *output[1:]])
+    if hasattr(output, "sample"):
+        return type(output)(**{**output, "sample": sample})
+    return sample

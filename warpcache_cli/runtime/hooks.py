@@ -22,7 +22,7 @@ from torch import nn
 
 from warpcache_cli import motion
 from warpcache_cli.policy import Action, choose, drift, drift_ceiling, measures_drift, recomputes
-from warpcache_cli.runtime.adapters import Adapter, BlockIO
+from warpcache_cli.runtime.adapters import Adapter, BlockIO, prediction, with_prediction
 from warpcache_cli.runtime.session import CALL, BlockState, CacheSession, Decision
 from warpcache_cli.runtime.steps import timestep_value
 from warpcache_cli.store import FeatureKey
@@ -37,20 +37,6 @@ def _named(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     named = dict(zip(_param_names(fn), args))
     named.update(kwargs)
     return named
-
-
-def _sample(output: Any) -> torch.Tensor:
-    """A transformer call's prediction: the first of a tuple, or an output object's `sample`."""
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-
-
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    """`output`'s structure with `sample` as its prediction."""
-    if isinstance(output, (tuple, list)):
-        return type(output)([sample, *output[1:]])
-    if hasattr(output, "sample"):
-        return type(output)(**{**output, "sample": sample})
-    return sample
 
 
 class _ContextSlot(BaseState):
@@ -167,11 +153,11 @@ class StepHook(_ResidualCache, ModelHook):
         cached = None if runs or self._template is None else s.store.get(keys[0])
         if cached is None:
             out = self._template = self.fn_ref.original_forward(*args, **kwargs)
-            self._remember(state, keys, [_sample(out).detach()], None, None)
+            self._remember(state, keys, [prediction(out).detach()], None, None)
             return out
         state.reuse_run += 1
         s.skip_call()
-        return _with_sample(self._template, self._forecast(state, [cached.tensor])[0])
+        return with_prediction(self._template, self._forecast(state, [cached.tensor])[0])
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         s = self.session
@@ -179,7 +165,7 @@ class StepHook(_ResidualCache, ModelHook):
         sigma = getattr(context, "sigma", None)
         if self._named is not None and sigma is not None:
             # flow matching: x_t = (1 - sigma) x_0 + sigma * noise and the model predicts noise - x_0
-            pred = _sample(output)
+            pred = prediction(output)
             video = self.adapter.video(self._named)
             velocity = self.adapter.video({**self._named, "hidden_states": pred})
             if video is not None and velocity is not None and video.shape == velocity.shape:
