@@ -42,7 +42,7 @@ def test_same_seed_same_search(small_trace):
 def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
     budget = Budget(min_psnr=32.0)
     tuner = Tuner([small_trace], budget)
-    study = tuner.search(120, seed=0)
+    study = tuner.search(200, seed=0)
     sure = tuner.candidates(study, 8)
     assert sure and all(c.est_psnr >= 32.0 and c.admitted == "estimate" for c in sure)
     schedules = [t for t in study.trials if t.user_attrs.get("schedule")]

@@ -94,6 +94,7 @@ class SearchSpace:
             self.quantiles[v] = values
         self.multipliers, self.no_warp = recommended(sensitivity(traces[0]))
         self.forecast = all("res_dot" in t.arrays for t in traces)  # older traces cannot judge forecasting
+        self.calls = all("call_dot" in t.arrays for t in traces)  # nor skipping whole calls
 
     def threshold(self, variant: int, q: float) -> float:
         """The drift at quantile q of the recorded ones; at q = 1 the largest the metric can report where it
@@ -130,6 +131,8 @@ class SearchSpace:
             late_max_consecutive_reuse=trial.suggest_int("late_max_consecutive_reuse", 1, self.lags),
             forecast=trial.suggest_float("forecast", 0.0, 1.0) if self.forecast else 0.0,
             forecast_curvature=trial.suggest_float("forecast_curvature", 0.0, 1.0) if self.forecast else 0.0,
+            # a fixed schedule's steps skip their calls whole, or serve block by block (drift-driven: blocks)
+            skip_calls=trial.suggest_categorical("skip_calls", [False, True]) if self.calls else False,
             phase_breakpoints=(a, b),
             phase_multipliers=(early, min(1.5, late)),
             layer_multipliers={k: float(v**strength) for k, v in self.multipliers.items()},
@@ -142,8 +145,11 @@ class SearchSpace:
         (TaylorSeer's shape; the curvature at half weight, a damped extrapolation) and without (FORA's),
         every 2nd to 6th step after 1 to 6 warm-up steps; and the first-order ones again with their last
         five steps computed every 2nd or 3rd step (`late_start`, halfway between two steps' positions so
-        rounding cannot move it). Drift-driven configs must beat these to win, and a schedule is a corner
-        (threshold at the largest drift) a sampler seldom lands on by itself.
+        rounding cannot move it). The first-order ones of every 3rd to 5th step after up to 3 warm-up steps once more
+        skipping the calls they do not compute (`skip_calls`: faster at the same steps, and on the built-in model a
+        few dB lower). Drift-driven configs
+        must beat these to win, and a schedule is a corner (threshold at the largest drift) a sampler seldom
+        lands on by itself.
         """
         late_start = (self.steps - 5.5) / (self.steps - 1) if self.steps > 6 else 1.0
         out = []
@@ -161,7 +167,12 @@ class SearchSpace:
                 params |= {"forecast": forecast, "forecast_curvature": curvature}
             elif forecast:
                 continue
-            out.append(params)
+            if self.calls:
+                out.append(params | {"skip_calls": False})
+                if forecast and not curvature and interval in (3, 4, 5) and warm <= 3:  # the speeds near 3x
+                    out.append(params | {"skip_calls": True})
+            else:
+                out.append(params)
         return out
 
 

@@ -165,7 +165,7 @@ def _describe(policy: PolicyConfig, position: np.ndarray) -> str:
     if steps is None:
         return f"drift-driven, {served}"
     listed = f": {' '.join(map(str, steps))}" if len(steps) <= 12 else ""
-    return f"{len(steps)} of {len(position)} steps{listed}, {served}"
+    return f"{len(steps)} of {len(position)} steps{listed}, {served}{', whole calls' if policy.skip_calls else ''}"
 
 
 def measured_min(c: Candidate, requests: int) -> str:
