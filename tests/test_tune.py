@@ -19,7 +19,7 @@ from warpcache_cli.cli.app import app
 from warpcache_cli.cli.tune_cmd import measured_min
 from warpcache_cli.models import Request
 from warpcache_cli.replay import replay
-from warpcache_cli.tune import Candidate, Tuner, choose_measured, tune
+from warpcache_cli.tune import Candidate, Tuner, _work, choose_measured, tune
 
 runner = CliRunner()
 
@@ -46,38 +46,37 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
     sure = tuner.candidates(study, 8)
     assert sure and all(c.est_psnr >= 32.0 and c.admitted == "estimate" for c in sure)
     schedules = [t for t in study.trials if t.user_attrs.get("schedule")]
-    speeds = sorted({round(t.user_attrs["est_speedup"], 3) for t in schedules})
+    work = {t.number: _work(t) for t in study.trials if t.state.is_finished() and "est_compute" in t.user_attrs}
     for k in (8, 200):  # places for a few, and for every candidate the rules admit
         wide = tuner.candidates(study, k, band_db=3.0)
         assert len(wide) <= k and sure[0].trial in {c.trial for c in wide}
         assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)
         assert len({(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}) == len(wide)
         assert all(c.admitted == "estimate" for c in wide if c.est_psnr >= 32.0)
-        # the schedule ladder: the schedule speeds just past the fastest config the estimate admits, slowest
-        # first, while the estimate is within the band of the budget and one speed more, each with its
-        # best-estimated schedule (a rung) and the runner-up (same work)
+        # the schedule ladder: the schedules doing less work than the configs the estimate admits (fewer steps
+        # computed, or skipping their calls), most work first, while the estimate is within the band of the
+        # budget and one work level more, each with its best-estimated schedule (a rung) and the runner-up
+        floor = min(work[c.trial] for c in wide if c.admitted == "estimate")
         rungs = [c for c in wide if c.admitted == "ladder"]
-        fastest = round(sure[0].est_speedup, 3)
         assert rungs and all(c.est_psnr < 32.0 for c in rungs)
-        up = sorted(round(c.est_speedup, 3) for c in rungs if round(c.est_speedup, 3) > fastest)
-        assert up and up == [v for v in speeds if v > fastest][: len(up)]
-        assert all(c.est_psnr + 3.0 >= 32.0 for c in rungs if round(c.est_speedup, 3) < up[-1])
+        up = sorted((work[c.trial] for c in rungs if work[c.trial] < floor), reverse=True)
+        levels = sorted({w for w in map(_work, schedules) if w < floor}, reverse=True)
+        assert up and up == levels[: len(up)]
+        assert all(c.est_psnr + 3.0 >= 32.0 for c in rungs if up[-1] < work[c.trial] < floor)
         for c in rungs:
-            alike = [t for t in schedules if round(t.user_attrs["est_speedup"], 3) == round(c.est_speedup, 3)]
-            assert c.est_psnr == max(t.user_attrs["est_psnr"] for t in alike)
+            assert c.est_psnr == max(t.user_attrs["est_psnr"] for t in schedules if _work(t) == work[c.trial])
         twins = [c for c in wide if c.admitted == "same work"]
         assert twins and all(c.est_psnr < 32.0 for c in twins)
         for c in twins:
-            assert any(o is not c and round(o.est_speedup, 3) == round(c.est_speedup, 3) and o.est_psnr >= c.est_psnr
-                       for o in wide)
-    # with places left, every drift-driven config faster than the estimate admits that it puts less than the
-    # band under the budget (which trials those are depends on the trace's timings)
+            assert any(o is not c and work[o.trial] == work[c.trial] and o.est_psnr >= c.est_psnr for o in wide)
+    # with places left, every drift-driven config doing less work than the estimate admits that it puts less than
+    # the band under the budget (which trials those are depends on the trace's timings)
     done = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
-    band = {(round(t.user_attrs["est_speedup"], 4), round(t.user_attrs["est_psnr"], 3)) for t in done
-            if t.user_attrs["constraint"] > 0 and not t.user_attrs.get("schedule") and t.user_attrs["est_psnr"] >= 29.0
-            and t.user_attrs["est_speedup"] > fastest}
-    assert band <= {(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}
-    assert all(29.0 <= c.est_psnr < 32.0 and c.est_speedup > sure[0].est_speedup
+    band = {t.number for t in done if t.user_attrs["constraint"] > 0 and not t.user_attrs.get("schedule")
+            and t.user_attrs["est_psnr"] >= 29.0 and work[t.number] < floor}
+    assert {(round(study.trials[n].user_attrs["est_speedup"], 4), round(study.trials[n].user_attrs["est_psnr"], 3))
+            for n in band} <= {(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}
+    assert all(29.0 <= c.est_psnr < 32.0 and work[c.trial] < floor
                and not c.config.policy.base_threshold >= 2.0 for c in wide if c.admitted == "band")
 
 

@@ -26,7 +26,7 @@ from warpcache_cli.config import Config
 from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.measure import timed, warm_up
 from warpcache_cli.models import Request
-from warpcache_cli.policy import drift_ceiling
+from warpcache_cli.policy import RECOMPUTE, drift_ceiling
 from warpcache_cli.replay import Replayer
 from warpcache_cli.sensitivity import recommended, sensitivity
 from warpcache_cli.trace import DRIFT_VARIANTS, Trace
@@ -256,6 +256,7 @@ class Tuner:
             "est_speedup": float(np.mean(np.concatenate([r.speedup for r in results]))),
             "est_psnr": float(np.min(np.concatenate([r.psnr for r in results]))),
             "est_drift": float(np.max(np.concatenate([r.drift for r in results]))),
+            "est_compute": float(np.mean([np.mean(r.actions == RECOMPUTE) for r in results])),
         }
 
     def objective(self, trial: optuna.Trial, pareto: bool, total: int) -> float | tuple[float, float]:
@@ -336,7 +337,7 @@ class Tuner:
         ones trading speed for at least `margin_db` more PSNR headroom each, and the fastest fixed schedule.
 
         With `band_db` > 0 (a model will measure them), half the places go to the schedule ladder
-        (`_schedules_by_speed`): at each schedule speed past the fastest config admitted, slowest first, the
+        (`_schedules_by_work`): at each schedule speed past the fastest config admitted, slowest first, the
         schedule the estimate rates best there (a rung) and the next best (same work: its other forecast order,
         say, which the estimate misjudges by 2 to 4 dB on the built-in model), climbing while the rung's estimate
         is within `band_db` of the budget and one speed more (the estimate underrates schedules most); then the
@@ -368,21 +369,21 @@ class Tuner:
             def within_band(t: optuna.trial.FrozenTrial) -> bool:  # estimated less than the band under the budget
                 return self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0
 
-            groups = _schedules_by_speed(done)
-            floor = max(_speed(t) for t in picked) if picked else 1.0
+            groups = _schedules_by_work(done)
+            floor = min(_work(t) for t in picked) if picked else (1.0, 1)
             # climbing from the fastest config admitted while the estimate is within the band of the budget, and
             # one speed more (the estimate underrates schedules most), then, as fallbacks, the speeds just under it
-            up = [group for speed, group in sorted(groups.items()) if speed > floor]
+            up = [group for work, group in sorted(groups.items(), reverse=True) if work < floor]
             plausible = sum(1 for _ in itertools.takewhile(lambda g: within_band(g[0]), up))
-            down = [group for speed, group in sorted(groups.items(), reverse=True) if speed < floor]
+            down = [group for work, group in sorted(groups.items()) if work > floor]
             ladder = [t for group in up[: plausible + 1] + down for t in group[:2]][: k // 2]
             # the same-work twin of each schedule admitted, fastest first
-            twins = [u for t in sorted(picked, key=_speed, reverse=True) if t.user_attrs.get("schedule")
-                     for u in groups[_speed(t)][:2] if u is not t]
+            twins = [u for t in sorted(picked, key=_work) if t.user_attrs.get("schedule")
+                     for u in groups[_work(t)][:2] if u is not t]
             near = [t for t in done if t.user_attrs["constraint"] > 0.0 and not t.user_attrs.get("schedule")
-                    and t.user_attrs["est_speedup"] > floor and within_band(t)]
+                    and _work(t) < floor and within_band(t)]
             labels = ({t.number: "same work" for t in twins}
-                      | {t.number: "ladder" if t is groups[_speed(t)][0] else "same work" for t in ladder}
+                      | {t.number: "ladder" if t is groups[_work(t)][0] else "same work" for t in ladder}
                       | {t.number: "band" for t in near})
             seen = {_outcome(t) for t in picked}
             # in this order while places last; then the next fastest feasible configs the headroom rule passed by
@@ -397,12 +398,20 @@ class Tuner:
         return [replace(self._candidate(t), admitted=admitted[t.number]) for t in picked[:k]]
 
 
-def _speed(t: optuna.trial.FrozenTrial) -> float:
-    return round(t.user_attrs["est_speedup"], 3)  # schedules computing the same steps estimate alike
+def _work(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
+    """How much a trial computes, the order of speed that timing noise cannot shuffle: the share of block calls it
+    runs (a schedule's: its steps), then, at an equal share, 0 where the steps it does not compute skip their
+    calls whole and 1 where they are served block by block (hooks, embeddings and output layer still run).
+
+    Estimated speeds rest on a few timed runs at profile time: on one trace they put 5 computed steps at 3.14x and
+    9 skipping their calls at 3.21x (measured 4.39x and about 3.1x), which sent the ladder past the second."""
+    skips = bool(t.params.get("skip_calls")) and bool(t.user_attrs.get("schedule"))
+    return round(t.user_attrs.get("est_compute", 1.0), 4), 0 if skips else 1
 
 
-def _schedules_by_speed(done: list[optuna.trial.FrozenTrial]) -> dict[float, list[optuna.trial.FrozenTrial]]:
-    """The fixed schedules by estimated speed (a number of computed steps), each speed's best estimated first.
+def _schedules_by_work(done: list[optuna.trial.FrozenTrial]) -> dict[tuple[float, int], list[optuna.trial.FrozenTrial]]:
+    """The fixed schedules by their work (`_work`: the steps they compute, and whether they skip calls), each
+    group's best estimated first.
 
     The rungs of the schedule ladder come from here: past what the estimate admits, the best-estimated schedule
     at each of the next speeds is measured anyway. The estimate cannot be trusted to say how fast a schedule may
@@ -410,10 +419,10 @@ def _schedules_by_speed(done: list[optuna.trial.FrozenTrial]) -> dict[float, lis
     moves measured PSNR by 8 dB at equal speed (29.4 against 37.4 dB computing 9 of 30 steps) and the estimate
     by 1 dB. Each rung that misses the budget costs about one run.
     """
-    groups: dict[float, list[optuna.trial.FrozenTrial]] = {}
+    groups: dict[tuple[float, int], list[optuna.trial.FrozenTrial]] = {}
     for t in done:
         if t.user_attrs.get("schedule"):
-            groups.setdefault(_speed(t), []).append(t)
+            groups.setdefault(_work(t), []).append(t)
     for group in groups.values():
         group.sort(key=lambda t: -t.user_attrs["est_psnr"])
     return groups
