@@ -53,16 +53,18 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
         assert [c.est_speedup for c in wide] == sorted((c.est_speedup for c in wide), reverse=True)
         assert len({(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}) == len(wide)
         assert all(c.admitted == "estimate" for c in wide if c.est_psnr >= 32.0)
-        # the schedule ladder: the schedules doing less work than the configs the estimate admits (fewer steps
-        # computed, or skipping their calls), most work first, while the estimate is within the band of the
-        # budget and one work level more, each with its best-estimated schedule (a rung) and the runner-up
-        floor = min(work[c.trial] for c in wide if c.admitted == "estimate")
+        # the schedule ladder: the schedules estimated faster than the fastest config the estimate admits, in
+        # their order of work (steps computed, then skipping calls before serving blocks), most work first, while
+        # the estimate is within the band of the budget and one level more, each with its best-estimated schedule
+        # (a rung) and the runner-up (same work)
+        fastest = sure[0].est_speedup
+        speed = {w: max(t.user_attrs["est_speedup"] for t in schedules if _work(t) == w) for w in map(_work, schedules)}
         rungs = [c for c in wide if c.admitted == "ladder"]
         assert rungs and all(c.est_psnr < 32.0 for c in rungs)
-        up = sorted((work[c.trial] for c in rungs if work[c.trial] < floor), reverse=True)
-        levels = sorted({w for w in map(_work, schedules) if w < floor}, reverse=True)
+        up = sorted((work[c.trial] for c in rungs if speed[work[c.trial]] > fastest), reverse=True)
+        levels = sorted((w for w in speed if speed[w] > fastest), reverse=True)
         assert up and up == levels[: len(up)]
-        assert all(c.est_psnr + 3.0 >= 32.0 for c in rungs if up[-1] < work[c.trial] < floor)
+        assert all(c.est_psnr + 3.0 >= 32.0 for c in rungs if work[c.trial] in up[:-1])
         for c in rungs:
             assert c.est_psnr == max(t.user_attrs["est_psnr"] for t in schedules if _work(t) == work[c.trial])
         twins = [c for c in wide if c.admitted == "same work"]
@@ -73,10 +75,10 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
     # the band under the budget (which trials those are depends on the trace's timings)
     done = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("est_speedup", 1.0) > 1.0 + 1e-6]
     band = {t.number for t in done if t.user_attrs["constraint"] > 0 and not t.user_attrs.get("schedule")
-            and t.user_attrs["est_psnr"] >= 29.0 and work[t.number] < floor}
+            and t.user_attrs["est_psnr"] >= 29.0 and t.user_attrs["est_speedup"] > fastest}
     assert {(round(study.trials[n].user_attrs["est_speedup"], 4), round(study.trials[n].user_attrs["est_psnr"], 3))
             for n in band} <= {(round(c.est_speedup, 4), round(c.est_psnr, 3)) for c in wide}
-    assert all(29.0 <= c.est_psnr < 32.0 and work[c.trial] < floor
+    assert all(29.0 <= c.est_psnr < 32.0 and c.est_speedup > fastest
                and not c.config.policy.base_threshold >= 2.0 for c in wide if c.admitted == "band")
 
 

@@ -370,18 +370,19 @@ class Tuner:
                 return self.budget.slack(t.user_attrs["est_psnr"] + band_db, t.user_attrs["est_drift"]) <= 0.0
 
             groups = _schedules_by_work(done)
-            floor = min(_work(t) for t in picked) if picked else (1.0, 1)
+            floor = max(t.user_attrs["est_speedup"] for t in picked) if picked else 1.0
             # climbing from the fastest config admitted while the estimate is within the band of the budget, and
-            # one speed more (the estimate underrates schedules most), then, as fallbacks, the speeds just under it
-            up = [group for work, group in sorted(groups.items(), reverse=True) if work < floor]
+            # one speed more (the estimate underrates schedules most), then, as fallbacks, the speeds just under it:
+            # the schedules estimated faster than it, in their order of work, then the others, least work first
+            up = [group for work, group in sorted(groups.items(), reverse=True) if _fastest(group) > floor]
             plausible = sum(1 for _ in itertools.takewhile(lambda g: within_band(g[0]), up))
-            down = [group for work, group in sorted(groups.items()) if work > floor]
+            down = [group for work, group in sorted(groups.items()) if _fastest(group) <= floor]
             ladder = [t for group in up[: plausible + 1] + down for t in group[:2]][: k // 2]
             # the same-work twin of each schedule admitted, fastest first
             twins = [u for t in sorted(picked, key=_work) if t.user_attrs.get("schedule")
                      for u in groups[_work(t)][:2] if u is not t]
             near = [t for t in done if t.user_attrs["constraint"] > 0.0 and not t.user_attrs.get("schedule")
-                    and _work(t) < floor and within_band(t)]
+                    and t.user_attrs["est_speedup"] > floor and within_band(t)]
             labels = ({t.number: "same work" for t in twins}
                       | {t.number: "ladder" if t is groups[_work(t)][0] else "same work" for t in ladder}
                       | {t.number: "band" for t in near})
@@ -404,9 +405,14 @@ def _work(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
     calls whole and 1 where they are served block by block (hooks, embeddings and output layer still run).
 
     Estimated speeds rest on a few timed runs at profile time: on one trace they put 5 computed steps at 3.14x and
-    9 skipping their calls at 3.21x (measured 4.39x and about 3.1x), which sent the ladder past the second."""
+    9 skipping their calls at 3.21x (measured 4.39x and about 3.1x), which sent the ladder past the second. Only
+    schedules compare this way: a drift-driven config pays for measuring drift, which its share does not show."""
     skips = bool(t.params.get("skip_calls")) and bool(t.user_attrs.get("schedule"))
     return round(t.user_attrs.get("est_compute", 1.0), 4), 0 if skips else 1
+
+
+def _fastest(group: list[optuna.trial.FrozenTrial]) -> float:
+    return max(t.user_attrs["est_speedup"] for t in group)
 
 
 def _schedules_by_work(done: list[optuna.trial.FrozenTrial]) -> dict[tuple[float, int], list[optuna.trial.FrozenTrial]]:
