@@ -67,8 +67,8 @@ def test_candidates_past_the_estimate_are_kept_only_for_measuring(small_trace):
         assert all(c.est_psnr + 3.0 >= 32.0 for c in rungs if work[c.trial] in up[:-1])
         for c in rungs:
             assert c.est_psnr == max(t.user_attrs["est_psnr"] for t in schedules if _work(t) == work[c.trial])
-        twins = [c for c in wide if c.admitted == "same work"]
-        assert twins and all(c.est_psnr < 32.0 for c in twins)
+        twins = [c for c in wide if c.admitted == "same work"]  # after every level's rung: with places to spare
+        assert (twins or k == 8) and all(c.est_psnr < 32.0 for c in twins)
         for c in twins:
             assert any(o is not c and work[o.trial] == work[c.trial] and o.est_psnr >= c.est_psnr for o in wide)
     # with places left, every drift-driven config doing less work than the estimate admits that it puts less than

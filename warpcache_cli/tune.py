@@ -377,7 +377,11 @@ class Tuner:
             up = [group for work, group in sorted(groups.items(), reverse=True) if _fastest(group) > floor]
             plausible = sum(1 for _ in itertools.takewhile(lambda g: within_band(g[0]), up))
             down = [group for work, group in sorted(groups.items()) if _fastest(group) <= floor]
-            ladder = [t for group in up[: plausible + 1] + down for t in group[:2]][: k // 2]
+            # every level's rung before any level's runner-up (the fastest levels' first): schedules skipping calls
+            # and served by blocks make twice the levels, and the climb must reach as far
+            climb = up[: plausible + 1]
+            ladder = ([g[0] for g in climb] + [g[1] for g in reversed(climb) if len(g) > 1]
+                      + [t for group in down for t in group[:2]])[: k // 2]
             # the same-work twin of each schedule admitted, fastest first
             twins = [u for t in sorted(picked, key=_work) if t.user_attrs.get("schedule")
                      for u in groups[_work(t)][:2] if u is not t]
@@ -519,7 +523,7 @@ def validation_requests(traces: list[Trace], seeds: list[int] | None, prompts: S
 
 def tune(traces: list[Trace], budget: Budget, *, trials: int = 300, timeout: float | None = None, seed: int = 0,
          storage: str | None = None, study_name: str | None = None, pareto: bool = False,
-         pipe: Any = None, validation: list[Request] | None = None, top_k: int = 12, band_db: float | None = None,
+         pipe: Any = None, validation: list[Request] | None = None, top_k: int = 16, band_db: float | None = None,
          base: Config | None = None, on_trial: Callable[[int], None] | None = None,
          on_validate: Callable[[], None] | None = None) -> TuneResult:
     start = time.perf_counter()

@@ -64,7 +64,7 @@ def tune_command(
     validation_prompt: Annotated[list[str] | None, typer.Option(
         help="validate on this prompt too, besides the traces' (repeat for several): the budget holds on the "
              "prompts validated, not on every prompt")] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 12,
+    top_k: Annotated[int, typer.Option(min=1, help="candidates validated on the real model")] = 16,
     band: Annotated[float | None, typer.Option(min=0.0, help="also validate configs estimated up to this many dB "
                                                "below --min-psnr (default: from the calibration runs' "
                                                "scatter around the estimate)")] = None,
