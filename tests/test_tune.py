@@ -108,7 +108,8 @@ def test_among_candidates_doing_the_same_work_the_better_measured_quality_wins()
     cfg = wc.Config.default()
 
     def cand(trial: int, est: float, speed: float, psnr: float) -> Candidate:
-        return Candidate(cfg, trial, est, 30.0, 0.0, measured=[{"speedup": speed, "psnr": psnr}])
+        return Candidate(cfg, trial, est, 30.0, 0.0, measured=[{"speedup": speed, "psnr": psnr}],
+                         work=(round(1 / est, 4), 1))
 
     noisy_fast, same_work, other = cand(0, 2.59, 2.70, 30.6), cand(1, 2.59, 2.53, 33.5), cand(2, 2.40, 2.55, 36.0)
     assert choose_measured([noisy_fast, same_work, other]) is same_work  # same steps computed: noise, not speed
