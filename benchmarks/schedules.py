@@ -13,6 +13,11 @@ bounds the speedup), and warpcache's measured speedup (median over the prompts o
 median uncached and cached wall times, interleaved; PSNR does not depend on machine load, the
 speedup does).
 
+    python benchmarks/schedules.py --seeds 3001 3002 --skip-calls
+
+runs the same schedules skipping the calls they do not compute (`skip_calls`: the call's output forecast
+whole), TaylorSeer aside.
+
     python benchmarks/schedules.py --seeds 1003 1004 --computed 8
 
 instead tries every schedule of this family that computes 8 steps (1 to 3 warm-up steps, every 4th to
@@ -49,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side; the speedup is their medians' ratio")
     ap.add_argument("--computed", type=int, help="try every schedule computing this many steps (PSNR only)")
+    ap.add_argument("--skip-calls", action="store_true", help="skip the calls the schedules do not compute")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_model("builtin")
@@ -62,14 +68,14 @@ def main() -> None:
     for interval, warm, forecast, curvature, late in SCHEDULES:
         # the last five steps, as the tuner's enqueued schedules
         config = schedule(args.steps, warm, interval, args.steps - 5 if late else args.steps, late + 1, forecast,
-                          curvature)
+                          curvature).with_policy(skip_calls=args.skip_calls)
         runs = [measure(pipe, config, req, args.repeats) for req in requests]
         psnr = [m.quality["psnr"] for m in runs]
         print(f"{interval:>8} {warm:>7} {forecast:>8.1f} {curvature:>5.1f} {late or '-':>4} {np.mean(psnr):>9.2f} "
               f"{np.min(psnr):>8.2f} "
               f"{np.mean([m.stats['compute_fraction'] for m in runs]):>8.3f} "
               f"{np.median([m.speedup for m in runs]):>6.2f}x")
-    for interval, warm, order in TAYLORSEER_SCHEDULES:
+    for interval, warm, order in () if args.skip_calls else TAYLORSEER_SCHEDULES:
         # full compute at steps < warm and at warm + 1 + k interval (diffusers' `_measure_should_compute`)
         psnr = []
         for req, ref in zip(requests, references):
