@@ -16,7 +16,7 @@ from warpcache_cli.errors import WarpcacheError
 from warpcache_cli.models import Request, generate
 from warpcache_cli.policy import Action, schedule_steps
 from warpcache_cli.profile import calibration_configs, profile
-from warpcache_cli.replay import Replayer
+from warpcache_cli.replay import COST_TERMS, Replayer
 from warpcache_cli.trace import Trace
 
 runner = CliRunner()
@@ -231,14 +231,23 @@ def test_a_skipped_calls_error_is_the_forecast_error_of_its_output(builtin, weig
             assert got[0, br, s, 0] == pytest.approx(want, rel=1e-3)
 
 
-def test_skipping_calls_saves_more_than_serving_their_blocks(small_trace):
+def test_a_skipped_call_saves_its_plain_time_and_pays_no_block_hooks(small_trace):
     rep = Replayer(small_trace)
-    by_block, by_call = (rep.run(wc.Config.default().with_schedule(3, 2, forecast=1.0, skip_calls=skip).policy)
+    by_block, by_call = (wc.Config.default().with_schedule(3, 2, forecast=1.0, skip_calls=skip).policy
                          for skip in (False, True))
-    assert np.array_equal(by_block.actions, by_call.actions)
-    assert (by_call.speedup > by_block.speedup).all()
+    blocks, calls = rep.run(by_block), rep.run(by_call)
+    assert np.array_equal(blocks.actions, calls.actions)
+    skipped = np.count_nonzero(calls.actions[..., 0] != Action.RECOMPUTE, axis=(1, 2))  # (R,) calls skipped
+    assert skipped.all() and np.allclose(rep._saved(by_call, calls.actions, slice(None)),
+                                         skipped * rep.plain_call_seconds)
+    # a call's plain time holds its blocks' (timed inside it, in the same plain run)
+    assert rep.plain_call_seconds > rep.block_seconds[0, 0, 0].sum() > 0
+    terms = {name: i for i, name in enumerate(COST_TERMS)}
+    assert (calls.cost_counts[:, terms["skipped call"]] == skipped).all()
+    assert (calls.cost_counts[:, terms["reused block"]] == 0).all()
+    assert (blocks.cost_counts[:, terms["reused block"]] == skipped * small_trace.shape[3]).all()
     assert rep.quality is not None and rep.quality.call_scale != 1.0  # calibrated by a skipping calibration run
-    assert np.isfinite(by_call.psnr).all() and (by_call.error > 0).all()
+    assert np.isfinite(calls.psnr).all() and (calls.error > 0).all()
 
 
 def test_skipping_calls_on_a_trace_without_call_dots_exits_2(small_trace, tmp_path):
