@@ -138,7 +138,7 @@ class Recorder:
         self.token_subset = torch.zeros(0, dtype=torch.long)
         self._subset = self.token_subset  # on the model's device
         self._power = 1.0  # the policy's saliency power, for the full-tensor cosine drift
-        self._outputs: dict[int, tuple[torch.Tensor, list[int]]] = {}  # branch -> ring of call outputs, calls seen
+        self._outputs: dict[int, torch.Tensor] = {}  # branch -> ring of its last calls' outputs
 
     def on_call(self, session: CacheSession, seconds: float, output: Any = None) -> None:
         """One whole transformer call (blocks plus everything around them) took `seconds` and returned `output`:
@@ -149,19 +149,16 @@ class Recorder:
         key = (self.branches.index(session.branch), session.step.step)
         self.call_seconds[key] = seconds
         if output is not None and key in self.rows:
-            self.rows[key]["call_dot"] = self._call_dots(key[0], prediction(output))
+            n = len(self._history[key[0]].steps) - 1  # the branch's calls before this one
+            self.rows[key]["call_dot"] = self._call_dots(key[0], n, prediction(output))
 
-    def _call_dots(self, branch: int, y: torch.Tensor) -> np.ndarray:
-        """<y_s, y_{s-j}> for j = 0 .. 2G + 1 (0 before the first call): the Gram row the replay forecasts a
-        skipped call's output from, as `res_dot` is a block's residual's. The outputs of the last 2G + 2 calls
-        are kept in a ring, float32 products summed in float64 (as the residual Gram)."""
+    def _call_dots(self, branch: int, n: int, y: torch.Tensor) -> np.ndarray:
+        """<y_s, y_{s-j}> for j = 0 .. 2G + 1 (0 before the first call) of the branch's n-th call: the Gram row the
+        replay forecasts a skipped call's output from, as `res_dot` is a block's residual's. The outputs of the last
+        2G + 2 calls are kept in a ring, float32 products summed in float64 (as the residual Gram)."""
         width = 2 * self.lags + 2
         y = y.detach().reshape(-1).float()
-        if branch not in self._outputs:
-            self._outputs[branch] = (y.new_zeros(width, len(y)), [0])
-        ring, seen = self._outputs[branch]
-        n = seen[0]
-        seen[0] += 1
+        ring = self._outputs.setdefault(branch, y.new_zeros(width, len(y)))
         ring[n % width] = y
         with torch.no_grad():
             dots = torch.mv(ring, y).double().cpu().numpy()

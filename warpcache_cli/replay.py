@@ -185,7 +185,7 @@ class Replayer:
         measured = (lag <= limit) & measures_drift(policy, t, w)
         measured[:, :, : policy.warm_up_steps] = False
         return Decisions(actions, seen, np.where(computed, 0, lag), np.where(computed | (p < 0), 0, before - p),
-                         np.where(computed | (q < 0), 0, p - q), measured)
+                         np.where(computed | (q < 0), 0, p - q), measured, bool(calls_skipped(policy)))
 
     def _indices(self, r: int, reuses: int) -> _Indices:
         """The replay's index arrays for `r` runs and reuse runs up to `reuses - 1`: they depend on shapes only."""
@@ -198,8 +198,7 @@ class Replayer:
         dec = self.decisions(policy, runs)
         actions = dec.actions
         reused = actions != RECOMPUTE
-        skipped = calls_skipped(policy)
-        if skipped:  # a schedule: every block of a step is served alike, and the call's output is forecast whole
+        if dec.skips_calls:  # a schedule: every block of a step is served alike; the call's output is forecast whole
             if self._call_dots is None:
                 raise WarpcacheError("policy.skip_calls needs the call outputs' dot products the trace did not "
                                      "record; re-profile with this version of warpcache")
@@ -226,10 +225,10 @@ class Replayer:
         # the sum of squares had beaten a plain sum (1.68 against 2.32 dB, 2.14 against 4.33 dB, earlier dumps)
         per_step = err.max(axis=3).mean(axis=1)  # (R, S)
         error = (per_step * self.step_weight[runs]).sum(axis=1)
-        if skipped and self.quality is not None:
+        if dec.skips_calls and self.quality is not None:
             error = error * self.quality.call_scale
         counts = self.cost_counts(policy, dec)
-        saved = self._saved(policy, actions, runs) - counts @ self.costs
+        saved = self._saved(dec.skips_calls, actions, runs) - counts @ self.costs
         speedup = self.plain_seconds / np.maximum(self.plain_seconds - saved, 1e-9)
         drift_acc = np.where(reused, dec.seen, 0.0).sum(axis=(1, 2, 3)) / (self.branches * self.blocks)
         return ReplayResult(
@@ -283,11 +282,11 @@ class Replayer:
                    + 2 * wc * wq * flat.take(c_at + far[1]) + 2 * wp * wq * flat.take(p_at + gaps2))
         return np.sqrt(np.maximum(sq, 0.0) / np.maximum(out_sq, 1e-24))
 
-    def _saved(self, policy: PolicyConfig, actions: np.ndarray, runs: slice | int) -> np.ndarray:
+    def _saved(self, skips_calls: bool, actions: np.ndarray, runs: slice | int) -> np.ndarray:
         """(R,) seconds the reused blocks' plain run took, or, where whole calls are skipped, the calls' (R,) (with
         their embeddings and output layers)."""
         reused = actions != RECOMPUTE
-        if calls_skipped(policy):
+        if skips_calls:
             return reused[..., 0].sum(axis=(-1, -2)) * self.plain_call_seconds
         return (self.block_seconds[runs] * reused).sum(axis=(-1, -2, -3))
 
@@ -338,7 +337,7 @@ class Replayer:
             computed = (actions == RECOMPUTE) & can_warp
             computed[:, :, : max(0, policy.warm_up_steps - 1)] = False
             mapped = per_run(computed)
-        if calls_skipped(policy):  # no block hook runs in a skipped call; the call's forecast is paid instead
+        if dec.skips_calls:  # no block hook runs in a skipped call; the call's forecast is paid instead
             return np.stack([np.ones(r), np.zeros(r), np.zeros(r), mapped, per_run(dec.measured),
                              per_run(actions[..., 0] != RECOMPUTE)], axis=1)
         return np.stack([np.ones(r), per_run(actions == REUSE), per_run(actions == WARP), mapped,
@@ -347,7 +346,8 @@ class Replayer:
     def _fit_costs(self, policies: list[PolicyConfig], results: list[ReplayResult], runs: list[int],
                    measured: np.ndarray) -> np.ndarray:
         """The COST_TERMS in seconds, fit to the calibration runs' wall times (non-negative least squares)."""
-        saved = np.array([float(self._saved(p, r.actions[0], run)) for p, r, run in zip(policies, results, runs)])
+        saved = np.array([float(self._saved(calls_skipped(p), r.actions[0], run))
+                          for p, r, run in zip(policies, results, runs)])
         counts = np.concatenate([r.cost_counts for r in results])
         excess = measured - (self.plain_seconds - saved)
         coef = np.zeros(len(COST_TERMS))
@@ -407,6 +407,7 @@ class Decisions:
     gaps: np.ndarray  # between the last computation and the one before it, p = c - gap
     gaps2: np.ndarray  # between p and the computation before it
     measured: np.ndarray  # bool: whether the hook pays for measuring the drift
+    skips_calls: bool  # the steps not computed skip the whole call (`policy.calls_skipped`, decided once here)
 
 
 @dataclass
