@@ -146,11 +146,10 @@ class SearchSpace:
         (TaylorSeer's shape; the curvature at half weight, a damped extrapolation) and without (FORA's),
         every 2nd to 6th step after 1 to 6 warm-up steps; and the first-order ones again with their last
         five steps computed every 2nd or 3rd step (`late_start`, halfway between two steps' positions so
-        rounding cannot move it). The first-order ones of every 3rd to 5th step after up to 3 warm-up steps once more
-        skipping the calls they do not compute (`skip_calls`: faster at the same steps, and on the built-in model a
-        few dB lower). Drift-driven configs
-        must beat these to win, and a schedule is a corner (threshold at the largest drift) a sampler seldom
-        lands on by itself.
+        rounding cannot move it). The first-order ones of every 3rd to 5th step after up to 3 warm-up steps
+        once more skipping the calls they do not compute (`skip_calls`: faster at the same steps, and on the
+        built-in model a few dB lower). Drift-driven configs must beat these to win, and a schedule is a corner
+        (threshold at the largest drift) a sampler seldom lands on by itself.
         """
         late_start = (self.steps - 5.5) / (self.steps - 1) if self.steps > 6 else 1.0
         out = []
@@ -339,18 +338,19 @@ class Tuner:
         ones trading speed for at least `margin_db` more PSNR headroom each, and the fastest fixed schedule.
 
         With `band_db` > 0 (a model will measure them), half the places go to the schedule ladder
-        (`_schedules_by_work`): at each schedule speed past the fastest config admitted, slowest first, the
-        schedule the estimate rates best there (a rung) and the next best (same work: its other forecast order,
-        say, which the estimate misjudges by 2 to 4 dB on the built-in model), climbing while the rung's estimate
-        is within `band_db` of the budget and one speed more (the estimate underrates schedules most); then the
-        speeds just under the fastest admitted, fallbacks should it fail. The estimate cannot say how fast a
-        schedule may go, so the speeds around what it admits are measured in turn. (Starting past the band's
-        fastest trial instead jumped past them when the band was wide: 6 dB on one trace, where schedules
-        estimated 6 to 9 dB under the budget were measured and the next speeds up never.) Then the same-work
-        twin of the fastest schedule admitted; then the fastest drift-driven configs whose estimated PSNR falls
-        short of the budget by less than `band_db`: the estimate errs by a few dB on unseen seeds, so the fastest
-        config that truly meets the budget is often just outside its feasible set. Places still free go to the
-        same-work twins of the slower schedules admitted, then to the next fastest feasible configs.
+        (`_schedules_by_work`): among the schedules estimated faster than the fastest config admitted, level by level of
+        work (`_work`), most work first, the schedule the estimate rates best at each level (a rung), climbing while the
+        rung's estimate is within `band_db` of the budget and one level more (the estimate underrates schedules most);
+        then the next best at each of those levels (same work: its other forecast order or placement, say, which the
+        estimate misjudges by 2 to 4 dB on the built-in model), the fastest levels' first; then the levels just under
+        the fastest admitted, fallbacks should it fail. The estimate cannot say how fast a schedule may go, so the
+        speeds around what it admits are measured in turn. (Starting past the band's fastest trial instead jumped past
+        them when the band was wide: 6 dB on one trace, where schedules estimated 6 to 9 dB under the budget were
+        measured and the next speeds up never.) Then the same-work twin of the fastest schedule admitted; then the
+        fastest drift-driven configs whose estimated PSNR falls short of the budget by less than `band_db`: the estimate
+        errs by a few dB on unseen seeds, so the fastest config that truly meets the budget is often just outside its
+        feasible set. Places still free go to the same-work twins of the slower schedules admitted, then to the next
+        fastest feasible configs.
         """
         done = self._skipping(study)
         done.sort(key=lambda t: (-t.user_attrs["est_speedup"], -t.user_attrs["est_psnr"]))
